@@ -1,0 +1,365 @@
+"""Public entry points: collective validation, backend and transport choice, the ring loops.
+
+The ring (DESIGN.md §3): each rank keeps its Q; the K/V block in hand at step s
+came from rank ``(rank − s) mod N``. Each step posts the exchange of the next
+block (send to rank+1, receive from rank−1) *before* computing on the current
+one, and waits for it after, so communication overlaps compute. Steps whose
+block is fully masked are skipped, but the block still travels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from mpi4py import MPI
+
+from mpiring import layout as _layout
+from mpiring._xp import SUPPORTED_DTYPES, array_module, dtype_name, is_cupy
+from mpiring.backends import backend_for
+from mpiring.transport import Transport, check_transport_name, select_transport
+
+__all__ = ["ring_attention", "ring_attention_backward", "private_comm"]
+
+_TAG_KV, _TAG_DKV = 71, 72
+_KEYVAL = MPI.KEYVAL_INVALID
+
+
+def private_comm(comm):
+    """A duplicate of ``comm`` cached on it, so that ring messages never match the caller's.
+
+    Created collectively on first use (``MPI_Comm_dup``) and freed with ``comm``.
+    """
+    global _KEYVAL
+    if _KEYVAL == MPI.KEYVAL_INVALID:
+        _KEYVAL = MPI.Comm.Create_keyval(delete_fn=lambda c, k, dup: None if MPI.Is_finalized() else dup.Free())
+    dup = comm.Get_attr(_KEYVAL)
+    if dup is None:
+        dup = comm.Dup()
+        comm.Set_attr(_KEYVAL, dup)
+    return dup
+
+
+def _resolve_comm(comm, fn: str):
+    if comm is None:
+        return MPI.COMM_WORLD
+    if not isinstance(comm, MPI.Comm):
+        raise TypeError(f"{fn}: comm must be an mpi4py communicator, got {type(comm).__name__}")
+    if comm == MPI.COMM_NULL:
+        raise ValueError(f"{fn}: comm is MPI.COMM_NULL")
+    if comm.Is_inter():
+        raise TypeError(f"{fn}: comm must be an intracommunicator, got an intercommunicator")
+    return comm
+
+
+# --- collective validation --------------------------------------------------------------
+class _LocalError(Exception):
+    """A check that failed on this rank; re-raised on every rank as ``kind``."""
+
+    def __init__(self, kind: type, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_ERROR_KINDS = {k.__name__: k for k in (ValueError, TypeError, MemoryError)}
+
+
+def _agree(comm, fn: str, error: _LocalError | None, signature: dict) -> None:
+    """One allgather: every rank raises the same exception if any rank failed a local
+    check, or if the ranks disagree on shapes, dtypes or options."""
+    local = None if error is None else (error.kind.__name__, str(error))
+    gathered = comm.allgather((local, signature))
+    for rank, (err, _) in enumerate(gathered):
+        if err is not None:
+            raise _ERROR_KINDS[err[0]](f"{fn}: {err[1]} (on rank {rank})")
+    first = gathered[0][1]
+    for rank, (_, sig) in enumerate(gathered[1:], start=1):
+        for key, value in first.items():
+            if sig[key] != value:
+                kind = TypeError if key in ("array", "dtype") else ValueError
+                raise kind(f"{fn}: {key} differs across ranks: {value!r} on rank 0, {sig[key]!r} on rank {rank}")
+
+
+def _array_kind(x) -> str | None:
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if is_cupy(x):
+        return "cupy"
+    return None
+
+
+def _check_arrays(named: dict) -> None:
+    """Local checks of q, k, v (and dout, out for backward)."""
+    for name, x in named.items():
+        if _array_kind(x) is None:
+            raise _LocalError(TypeError, f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise _LocalError(ValueError, f"{name}.ndim={x.ndim} must be 4 (batch, seqlen, heads, head_dim)")
+    q, k, v = named["q"], named["k"], named["v"]
+    kinds = {name: _array_kind(x) for name, x in named.items()}
+    if len(set(kinds.values())) > 1:
+        raise _LocalError(TypeError, f"arrays must all be NumPy or all CuPy, got {kinds}")
+    for name, x in named.items():
+        if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            names = [dtype_name(d) for d in SUPPORTED_DTYPES]
+            raise _LocalError(TypeError, f"{name}.dtype={dtype_name(x.dtype)} is not supported; use one of {names}")
+        if x.dtype != q.dtype:
+            raise _LocalError(TypeError, f"{name}.dtype={dtype_name(x.dtype)} differs from q.dtype={dtype_name(q.dtype)}")
+    if k.shape != v.shape:
+        raise _LocalError(ValueError, f"k.shape={k.shape} differs from v.shape={v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise _LocalError(ValueError, f"q.shape={q.shape} and k.shape={k.shape} differ in batch or head_dim")
+    heads, heads_kv = q.shape[2], k.shape[2]
+    if heads_kv == 0 or heads % heads_kv:
+        raise _LocalError(ValueError, f"heads={heads} (q) must be a multiple of heads_kv={heads_kv} (k, v)")
+    for name in ("dout", "out"):
+        if name in named and named[name].shape != q.shape:
+            raise _LocalError(ValueError, f"{name}.shape={named[name].shape} differs from q.shape={q.shape}")
+
+
+@dataclass
+class _Call:
+    """Everything a ring loop needs, agreed on every rank."""
+
+    comm: object
+    backend: object
+    transport: Transport | None
+    mask: _layout.Mask
+    scale: float
+    heads_kv: int
+    q_segs: tuple
+    k_segs: list  # k_segs[r]: segments of rank r's K/V block
+    active: tuple  # active[s]: step s has work
+
+
+def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, lse=None):
+    comm = _resolve_comm(comm, fn)
+    pcomm = private_comm(comm)
+    size, rank = pcomm.Get_size(), pcomm.Get_rank()
+    error, mask, scale = None, None, None
+    q, k = arrays["q"], arrays["k"]
+    try:
+        _check_arrays(arrays)
+        if layout not in _layout.LAYOUTS:
+            raise _LocalError(ValueError, f"layout={layout!r} must be one of {_layout.LAYOUTS}")
+        if layout == "zigzag" and (q.shape[1] % 2 or k.shape[1] % 2):
+            raise _LocalError(
+                ValueError,
+                f"seqlen_local={q.shape[1]} must be even for layout='zigzag' "
+                f"(global seqlen divisible by 2*size={2 * size})",
+            )
+        scale = 1.0 / math.sqrt(q.shape[3]) if softmax_scale is None else softmax_scale
+        if not isinstance(scale, (int, float, np.floating, np.integer)) or not math.isfinite(scale):
+            raise _LocalError(ValueError, f"softmax_scale={softmax_scale!r} must be a finite number")
+        scale = float(scale)
+        mask = _make_mask(causal, window, cu_seqlens, q.shape[1] * size)
+        if q.shape[1] != k.shape[1] and not mask.is_full:
+            raise _LocalError(
+                ValueError,
+                f"seqlen_q={q.shape[1]} and seqlen_k={k.shape[1]} must be equal with causal, window or cu_seqlens",
+            )
+        if lse is not None:
+            _check_lse(lse, q)
+        if not isinstance(transport, Transport):
+            check_transport_name(transport, _array_kind(q))
+    except _LocalError as exc:
+        error = exc
+    signature = {
+        "array": _array_kind(q),
+        "dtype": dtype_name(q.dtype) if hasattr(q, "dtype") else None,
+        "q.shape": tuple(getattr(q, "shape", ())),
+        "k.shape": tuple(getattr(k, "shape", ())),
+        "layout": layout,
+        "causal": bool(causal),
+        "window": window if window is None or isinstance(window, int) else tuple(window),
+        "softmax_scale": scale,
+        "cu_seqlens": None if mask is None or mask.cu_seqlens is None else mask.cu_seqlens.tobytes(),
+        "transport": transport if isinstance(transport, str) else type(transport).__name__,
+    }
+    _agree(pcomm, fn, error, signature)
+
+    xp = array_module(q)
+    tr = None
+    if size > 1:
+        tr = transport if isinstance(transport, Transport) else select_transport(transport, pcomm, xp)
+    q_segs = _layout.segments(layout, rank, size, q.shape[1])
+    k_segs = [_layout.segments(layout, r, size, k.shape[1]) for r in range(size)]
+    if mask.is_full:
+        active = (True,) * size
+    else:
+        active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
+    return _Call(pcomm, backend_for(xp), tr, mask, scale, k.shape[2], q_segs, k_segs, active)
+
+
+def _check_lse(lse, q) -> None:
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if _array_kind(lse) != _array_kind(q) or tuple(lse.shape) != want:
+        raise _LocalError(ValueError, f"lse must be a {_array_kind(q)} array of shape {want}, got "
+                          f"{type(lse).__name__} {tuple(getattr(lse, 'shape', ()))}")
+
+
+def _make_mask(causal, window, cu_seqlens, seqlen_global: int) -> _layout.Mask:
+    if window is not None:
+        pair = window if isinstance(window, (tuple, list)) else None
+        if pair is None and (not isinstance(window, (int, np.integer)) or window < 1):
+            raise _LocalError(ValueError, f"window={window!r} must be None, an int >= 1 or a pair (left, right)")
+        if pair is not None and (len(pair) != 2 or not all(w is None or isinstance(w, (int, np.integer)) for w in pair)):
+            raise _LocalError(ValueError, f"window={window!r} must be a pair of ints (or None) (left, right)")
+    if cu_seqlens is not None:
+        cu = np.asarray(cu_seqlens.get() if is_cupy(cu_seqlens) else cu_seqlens)
+        if cu.ndim != 1 or cu.dtype.kind not in "iu" or len(cu) < 2:
+            raise _LocalError(ValueError, f"cu_seqlens must be a 1-D integer array [0, ..., seqlen], got {cu!r}")
+        if cu[0] != 0 or cu[-1] != seqlen_global or np.any(np.diff(cu) < 0):
+            raise _LocalError(
+                ValueError,
+                f"cu_seqlens must start at 0, not decrease and end at the global seqlen={seqlen_global}, "
+                f"got {cu.tolist() if len(cu) <= 8 else cu[:4].tolist() + ['...'] + cu[-2:].tolist()}",
+            )
+        cu_seqlens = cu
+    return _layout.make_mask(causal, window, cu_seqlens)
+
+
+def _agree_allocated(comm, fn: str, allocate):
+    """Allocate, then agree: every rank allocates its ring buffers before the first
+    exchange; if any rank failed, every rank raises MemoryError."""
+    try:
+        result, failed = allocate(), 0
+    except MemoryError:
+        result, failed = None, 1
+    failed_ranks = comm.allreduce(failed, op=MPI.SUM)
+    if failed_ranks:
+        raise MemoryError(f"{fn}: allocating the ring buffers failed on {failed_ranks} rank(s)")
+    return result
+
+
+# --- the ring loops -----------------------------------------------------------------------
+def ring_attention(
+    q, k, v, comm=None, *, causal=False, softmax_scale=None, layout="contiguous", window=None,
+    cu_seqlens=None, transport="auto", return_lse=True,
+):
+    """Exact attention over a sequence split across the ranks of ``comm``.
+
+    Collective: every rank of ``comm`` calls it with its own shard.
+
+    Parameters
+    ----------
+    q : ``(batch, seqlen_local, heads, head_dim)``, this rank's queries.
+    k, v : ``(batch, seqlen_local, heads_kv, head_dim)``, ``heads % heads_kv == 0`` (GQA/MQA).
+        float16, bfloat16 (``ml_dtypes``), float32 or float64, all the same dtype.
+    comm : MPI intracommunicator (default ``MPI.COMM_WORLD``).
+    causal : mask keys after the query, on global token positions.
+    softmax_scale : default ``1 / sqrt(head_dim)``.
+    layout : how the sequence is split: ``"contiguous"``, ``"zigzag"`` or ``"striped"``
+        (see :mod:`mpiring.layout`; :func:`mpiring.shard` produces it).
+    window : sliding window: an int w (``|pos_q − pos_k| < w``, one-sided when causal) or
+        flash-attn's pair ``(left, right)`` (``pos_q − left ≤ pos_k ≤ pos_q + right``).
+    cu_seqlens : packed documents: global boundaries ``[0, …, seqlen]`` (ints, same on
+        every rank); attention never crosses a document.
+    transport : ``"auto"``, a transport name, or a :class:`mpiring.transport.Transport`.
+    return_lse : also return the log-sum-exp.
+
+    Returns
+    -------
+    out : ``(batch, seqlen_local, heads, head_dim)``, q's dtype and array kind.
+    lse : ``(batch, heads, seqlen_local)`` float32 (float64 for float64 inputs), natural
+        log; −inf (and out = 0) on rows with no allowed key. Only if ``return_lse``.
+    """
+    call = _prepare(
+        "ring_attention", comm, {"q": q, "k": k, "v": v}, causal=causal, softmax_scale=softmax_scale,
+        layout=layout, window=window, cu_seqlens=cu_seqlens, transport=transport,
+    )
+    out, lse = _forward(call, q, k, v)
+    return (out, lse) if return_lse else out
+
+
+def _forward(call: _Call, q, k, v):
+    be, tr = call.backend, call.transport
+    size, rank = call.comm.Get_size(), call.comm.Get_rank()
+
+    def allocate():
+        state = be.fwd_begin(q, call.heads_kv, call.scale)
+        kv = be.pack_kv(k, v)
+        return state, [kv, be.empty_like(kv) if size > 1 else None]
+
+    state, kv = _agree_allocated(call.comm, "ring_attention", allocate)
+    fence = None  # the last compute step's completion (GPU: an event; NumPy: None)
+    for s in range(size):
+        cur, nxt = kv[s % 2], kv[(s + 1) % 2]
+        ex = None
+        if s < size - 1:
+            ex = tr.post([cur], [nxt], tag=_TAG_KV, send_ready=be.record(), recv_free=fence)
+        if call.active[s]:
+            be.fwd_step(state, cur, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
+            fence = be.record()
+        if ex is not None:
+            tr.wait(ex)
+    return be.fwd_end(state)
+
+
+def ring_attention_backward(
+    dout, q, k, v, out, lse, comm=None, *, causal=False, softmax_scale=None, layout="contiguous",
+    window=None, cu_seqlens=None, transport="auto",
+):
+    """Gradients of :func:`ring_attention` (same options, same shards).
+
+    Parameters
+    ----------
+    dout : ``(batch, seqlen_local, heads, head_dim)``, gradient of ``out``.
+    q, k, v : as passed to :func:`ring_attention`.
+    out, lse : as returned by :func:`ring_attention`.
+
+    Returns
+    -------
+    dq : ``(batch, seqlen_local, heads, head_dim)``; dk, dv : ``(batch, seqlen_local,
+    heads_kv, head_dim)``, summed over each KV group; all in q's dtype.
+
+    The dK/dV partials travel with their K/V block in the compute dtype (float32 at
+    least) and arrive at their owner after N hops, so error does not grow with N.
+    """
+    call = _prepare(
+        "ring_attention_backward", comm, {"q": q, "k": k, "v": v, "dout": dout, "out": out},
+        causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
+        cu_seqlens=cu_seqlens, transport=transport, lse=lse,
+    )
+    return _backward(call, dout, q, k, v, out, lse)
+
+
+def _backward(call: _Call, dout, q, k, v, out, lse):
+    be, tr = call.backend, call.transport
+    size, rank = call.comm.Get_size(), call.comm.Get_rank()
+
+    def allocate():
+        state = be.bwd_begin(dout, q, out, lse, call.heads_kv, call.scale)
+        kv0 = be.pack_kv(k, v)
+        kv = [kv0, be.empty_like(kv0) if size > 1 else None]
+        # Three dK/dV buffers: at step s one is computed into, one is in flight to
+        # rank+1 and one receives rank−1's partial sum (rotation proven in the loop).
+        return state, kv, [be.zeros_dkv(kv0) for _ in range(3 if size > 1 else 1)]
+
+    state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate)
+    fence, ex_dkv = None, None
+    for s in range(size):
+        cur, nxt = kv[s % 2], kv[(s + 1) % 2]
+        ex_kv = None
+        if s < size - 1:
+            ex_kv = tr.post([cur], [nxt], tag=_TAG_KV, send_ready=be.record(), recv_free=fence)
+        # mine = C_s; C_{s-1} = dkv[(s+2)%3] is in flight, R_{s-1} = dkv[(s+1)%3] arriving.
+        mine = dkv[s % 3]
+        if s >= 2:  # C_s reuses R_{s-2}'s buffer, already added into C_{s-2}
+            mine.fill(0)
+        if call.active[s]:
+            be.bwd_step(state, cur, mine, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
+        if ex_dkv is not None:
+            tr.wait(ex_dkv)
+            mine += dkv[(s + 1) % 3]
+        if size > 1:
+            # Send C_s on; receive R_s into C_{s-1}'s buffer, whose send has completed.
+            fence = be.record()
+            ex_dkv = tr.post([mine], [dkv[(s + 2) % 3]], tag=_TAG_DKV, send_ready=fence, recv_free=fence)
+        if ex_kv is not None:
+            tr.wait(ex_kv)
+    if size > 1:
+        tr.wait(ex_dkv)  # the last hop brings our own block's dK/dV home
+    home = dkv[(size + 1) % 3] if size > 1 else dkv[0]
+    return be.bwd_end(state, home, k.dtype)

@@ -1,0 +1,288 @@
+"""Blockwise attention on whole arrays of one array module (BLAS matmuls, tiled).
+
+Written against the NumPy API so that it runs on NumPy (the CPU path) and on
+CuPy (a cuBLAS fallback for head dims the CUDA kernels don't cover). The ring
+loop in :mod:`mpiring.api` calls it once per ring step; it never holds more than
+one ``(batch, heads, tile_q, tile_k)`` tile of scores.
+
+Internal layouts (G = heads // heads_kv, the GQA group; row order (token, g)
+so that a query tile is a free reshape and K/V are never repeated):
+
+* ``q``, ``acc``, ``dq``: ``(B, Hkv, Sq, G, D)`` compute dtype
+* ``m``, ``l``, ``lse``, ``delta``: ``(B, Hkv, Sq, G)`` compute dtype
+* travelling K/V: ``(2, B, Hkv, Sk, D)`` input dtype; dK/dV: same shape, compute dtype
+
+The softmax scale is folded into q once: s = (q·scale)·kᵀ, dk = dsᵀ·(q·scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpiring._xp import compute_dtype
+from mpiring.layout import Mask, Segment
+
+# Score-tile budget in elements (batch·heads·tile_q·tile_k). 2**21 fp32 = 8 MiB
+# keeps a tile in a CPU's cache hierarchy; a GPU wants fewer, larger launches.
+_TILE_BUDGET = {"numpy": 2**21, "cupy": 2**26}
+
+
+def _tile_size(budget: int, batch_heads: int) -> int:
+    side = int((budget / max(batch_heads, 1)) ** 0.5)
+    return max(32, min(2048, side - side % 16))
+
+
+@dataclass
+class _Tile:
+    lo: int  # local row range [lo, hi)
+    hi: int
+    pos_first: int  # global position of the first and last row (positions increase)
+    pos_last: int
+
+
+def _tiles(segs: tuple[Segment, ...], size: int) -> list[_Tile]:
+    """Tiles that never straddle a segment, so each tile's positions are one arithmetic run."""
+    tiles, offset = [], 0
+    for seg in segs:
+        for a in range(0, seg.length, size):
+            b = min(a + size, seg.length)
+            tiles.append(_Tile(offset + a, offset + b, seg.start + seg.stride * a, seg.start + seg.stride * (b - 1)))
+        offset += seg.length
+    return tiles
+
+
+def _positions(segs: tuple[Segment, ...]) -> np.ndarray:
+    if not segs:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([s.start + s.stride * np.arange(s.length, dtype=np.int64) for s in segs])
+
+
+class _TilePairs:
+    """Which (q tile, k tile) pairs of one ring step have work, and which need a mask."""
+
+    def __init__(self, xp, q_segs, k_segs, mask: Mask, tile_q: int, tile_k: int):
+        self.xp, self.mask = xp, mask
+        self.q_tiles, self.k_tiles = _tiles(q_segs, tile_q), _tiles(k_segs, tile_k)
+        qpos, kpos = _positions(q_segs), _positions(k_segs)
+        self.qpos, self.kpos = xp.asarray(qpos), xp.asarray(kpos)
+        if mask.cu_seqlens is not None:
+            self.qdoc_host, self.kdoc_host = mask.documents(qpos), mask.documents(kpos)
+            self.qdoc, self.kdoc = xp.asarray(self.qdoc_host), xp.asarray(self.kdoc_host)
+
+    def classify(self, qt: _Tile, kt: _Tile) -> str:
+        """'skip' (no allowed pair), 'full' (all allowed) or 'mask'."""
+        m, right = self.mask, self.mask.right_bound
+        if right is not None and kt.pos_first > qt.pos_last + right:
+            return "skip"
+        if m.left is not None and kt.pos_last < qt.pos_first - m.left:
+            return "skip"
+        full = (right is None or kt.pos_last <= qt.pos_first + right) and (
+            m.left is None or kt.pos_first >= qt.pos_last - m.left
+        )
+        if m.cu_seqlens is not None:
+            qd = self.qdoc_host[qt.lo], self.qdoc_host[qt.hi - 1]
+            kd = self.kdoc_host[kt.lo], self.kdoc_host[kt.hi - 1]
+            if qd[1] < kd[0] or kd[1] < qd[0]:
+                return "skip"
+            full = full and qd[0] == qd[1] == kd[0] == kd[1]
+        return "full" if full else "mask"
+
+    def allowed(self, qt: _Tile, kt: _Tile):
+        """Boolean ``(tile_q, 1, tile_k)``, broadcast over the GQA group axis."""
+        xp, m, right = self.xp, self.mask, self.mask.right_bound
+        diff = self.qpos[qt.lo : qt.hi, None] - self.kpos[None, kt.lo : kt.hi]
+        ok = xp.ones(diff.shape, dtype=bool)
+        if m.left is not None:
+            ok &= diff <= m.left
+        if right is not None:
+            ok &= -diff <= right
+        if m.cu_seqlens is not None:
+            ok &= self.qdoc[qt.lo : qt.hi, None] == self.kdoc[None, kt.lo : kt.hi]
+        return ok[:, None, :]
+
+
+@dataclass
+class FwdState:
+    q: object  # (B, Hkv, Sq, G, D), pre-scaled
+    acc: object
+    m: object
+    l: object
+    out_dtype: np.dtype
+    shape: tuple  # (B, Sq, H, D)
+
+
+@dataclass
+class BwdState:
+    q: object  # pre-scaled, as FwdState.q
+    dout: object  # (B, Hkv, Sq, G, D)
+    lse: object  # (B, Hkv, Sq, G); +inf where the row had no keys (so p = 0)
+    delta: object  # rowsum(dout * out)
+    dq: object
+    scale: float
+    out_dtype: np.dtype
+    shape: tuple
+
+
+class BlockwiseBackend:
+    """The CPU ring's compute (and a CuPy fallback): one method per ring-loop stage."""
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.name = "numpy" if xp is np else xp.__name__
+        self._budget = _TILE_BUDGET.get(self.name, _TILE_BUDGET["numpy"])
+
+    # --- layout conversions -------------------------------------------------------------
+    def _split_heads(self, x, heads_kv: int, dtype):
+        """(B, S, H, D) → (B, Hkv, S, G, D) contiguous in ``dtype``."""
+        b, s, h, d = x.shape
+        y = x.reshape(b, s, heads_kv, h // heads_kv, d).transpose(0, 2, 1, 3, 4)
+        return self.xp.ascontiguousarray(y.astype(dtype, copy=False))
+
+    def _merge_heads(self, x, dtype):
+        """(B, Hkv, S, G, D) → (B, S, H, D) in ``dtype``."""
+        b, hkv, s, g, d = x.shape
+        return self.xp.ascontiguousarray(x.transpose(0, 2, 1, 3, 4).reshape(b, s, hkv * g, d).astype(dtype))
+
+    def _rows(self, x, heads_kv: int):
+        """(B, H, S) → (B, Hkv, S, G)."""
+        b, h, s = x.shape
+        return x.reshape(b, heads_kv, h // heads_kv, s).transpose(0, 1, 3, 2)
+
+    def pack_kv(self, k, v):
+        """The travelling K/V buffer ``(2, B, Hkv, Sk, D)`` in the input dtype."""
+        xp = self.xp
+        return xp.ascontiguousarray(xp.stack([k, v]).transpose(0, 1, 3, 2, 4))
+
+    def record(self):
+        """A completion token for the work queued so far: None on NumPy (synchronous),
+        a CUDA event on the current stream for CuPy."""
+        if self.xp is np:
+            return None
+        event = self.xp.cuda.Event(block=False, disable_timing=True)
+        event.record()
+        return event
+
+    def empty_like(self, buf):
+        return self.xp.empty_like(buf)
+
+    def zeros_dkv(self, kv):
+        return self.xp.zeros(kv.shape, dtype=compute_dtype(kv.dtype))
+
+    def _tile_pairs(self, batch_heads, q_segs, k_segs, mask):
+        tile = _tile_size(self._budget, batch_heads)
+        return _TilePairs(self.xp, q_segs, k_segs, mask, tile, tile)
+
+    # --- forward ------------------------------------------------------------------------
+    def fwd_begin(self, q, heads_kv: int, scale: float) -> FwdState:
+        xp, cdt = self.xp, compute_dtype(q.dtype)
+        qc = self._split_heads(q, heads_kv, cdt)
+        qc *= cdt.type(scale)
+        rows = qc.shape[:4]
+        return FwdState(
+            q=qc, acc=xp.zeros(qc.shape, cdt), m=xp.full(rows, -np.inf, cdt), l=xp.zeros(rows, cdt),
+            out_dtype=q.dtype, shape=q.shape,
+        )
+
+    def fwd_step(self, st: FwdState, kv, q_segs, k_segs, mask: Mask) -> None:
+        """Continue the online softmax of the local Q against one K/V block, in place."""
+        xp = self.xp
+        cdt = st.q.dtype
+        k, v = kv[0].astype(cdt, copy=False), kv[1].astype(cdt, copy=False)
+        b, hkv, _, g, d = st.q.shape
+        pairs = self._tile_pairs(b * hkv * g, q_segs, k_segs, mask)
+        for qt in pairs.q_tiles:
+            tq = qt.hi - qt.lo
+            work = [(kt, pairs.classify(qt, kt)) for kt in pairs.k_tiles]
+            work = [(kt, kind) for kt, kind in work if kind != "skip"]
+            if not work:
+                continue
+            q_t = st.q[:, :, qt.lo : qt.hi].reshape(b, hkv, tq * g, d)
+            m = st.m[:, :, qt.lo : qt.hi].reshape(b, hkv, tq * g)
+            l = st.l[:, :, qt.lo : qt.hi].reshape(b, hkv, tq * g)
+            acc = st.acc[:, :, qt.lo : qt.hi].reshape(b, hkv, tq * g, d)
+            for kt, kind in work:
+                s = q_t @ k[:, :, kt.lo : kt.hi].swapaxes(-1, -2)
+                if kind == "mask":
+                    s = s.reshape(b, hkv, tq, g, -1)
+                    s = xp.where(pairs.allowed(qt, kt), s, -np.inf).reshape(b, hkv, tq * g, -1)
+                m_new = xp.maximum(m, s.max(axis=-1))
+                # Rows with no allowed key so far keep m = −inf; shift them by 0 so
+                # that exp(−inf − 0) = 0 instead of exp(−inf + inf) = NaN.
+                shift = xp.where(xp.isfinite(m_new), m_new, 0)
+                p = xp.exp(s - shift[..., None])
+                alpha = xp.exp(m - shift)
+                l = alpha * l + p.sum(axis=-1)
+                acc = alpha[..., None] * acc + p @ v[:, :, kt.lo : kt.hi]
+                m = m_new
+            st.m[:, :, qt.lo : qt.hi] = m.reshape(b, hkv, tq, g)
+            st.l[:, :, qt.lo : qt.hi] = l.reshape(b, hkv, tq, g)
+            st.acc[:, :, qt.lo : qt.hi] = acc.reshape(b, hkv, tq, g, d)
+
+    def fwd_end(self, st: FwdState):
+        """``out`` (B, Sq, H, D) in the input dtype; ``lse`` (B, H, Sq): float32 (float64 for
+        float64 inputs), −inf and out = 0 on rows with no allowed key."""
+        xp = self.xp
+        has_keys = st.l > 0
+        safe_l = xp.where(has_keys, st.l, 1)
+        out = self._merge_heads(st.acc / safe_l[..., None], st.out_dtype)
+        lse = xp.where(has_keys, st.m + xp.log(safe_l), -np.inf)
+        b, hkv, s, g = lse.shape
+        lse_dtype = np.float64 if st.q.dtype == np.float64 else np.float32
+        lse = xp.ascontiguousarray(lse.transpose(0, 1, 3, 2).reshape(b, hkv * g, s).astype(lse_dtype))
+        return out, lse
+
+    # --- backward -----------------------------------------------------------------------
+    def bwd_begin(self, dout, q, out, lse, heads_kv: int, scale: float) -> BwdState:
+        xp, cdt = self.xp, compute_dtype(q.dtype)
+        qc = self._split_heads(q, heads_kv, cdt)
+        qc *= cdt.type(scale)
+        do = self._split_heads(dout, heads_kv, cdt)
+        delta = (do * self._split_heads(out, heads_kv, cdt)).sum(axis=-1)
+        lse_rows = self._rows(lse, heads_kv).astype(cdt)
+        lse_rows = xp.ascontiguousarray(xp.where(xp.isfinite(lse_rows), lse_rows, np.inf))
+        return BwdState(
+            q=qc, dout=do, lse=lse_rows, delta=delta, dq=xp.zeros(qc.shape, cdt), scale=scale,
+            out_dtype=q.dtype, shape=q.shape,
+        )
+
+    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask) -> None:
+        """Add this block's dQ to the local accumulator and its dK/dV into ``dkv``."""
+        xp = self.xp
+        cdt = st.q.dtype
+        k, v = kv[0].astype(cdt, copy=False), kv[1].astype(cdt, copy=False)
+        dk, dv = dkv[0], dkv[1]
+        b, hkv, _, g, d = st.q.shape
+        pairs = self._tile_pairs(b * hkv * g, q_segs, k_segs, mask)
+        for qt in pairs.q_tiles:
+            tq = qt.hi - qt.lo
+            work = [(kt, pairs.classify(qt, kt)) for kt in pairs.k_tiles]
+            work = [(kt, kind) for kt, kind in work if kind != "skip"]
+            if not work:
+                continue
+            rows = slice(qt.lo, qt.hi)
+            q_t = st.q[:, :, rows].reshape(b, hkv, tq * g, d)
+            do_t = st.dout[:, :, rows].reshape(b, hkv, tq * g, d)
+            lse_t = st.lse[:, :, rows].reshape(b, hkv, tq * g, 1)
+            delta_t = st.delta[:, :, rows].reshape(b, hkv, tq * g, 1)
+            dq_t = st.dq[:, :, rows].reshape(b, hkv, tq * g, d)
+            for kt, kind in work:
+                cols = slice(kt.lo, kt.hi)
+                s = q_t @ k[:, :, cols].swapaxes(-1, -2)
+                if kind == "mask":
+                    s = s.reshape(b, hkv, tq, g, -1)
+                    s = xp.where(pairs.allowed(qt, kt), s, -np.inf).reshape(b, hkv, tq * g, -1)
+                p = xp.exp(s - lse_t)
+                dv[:, :, cols] += p.swapaxes(-1, -2) @ do_t
+                ds = p * (do_t @ v[:, :, cols].swapaxes(-1, -2) - delta_t)
+                dq_t += ds @ k[:, :, cols]
+                dk[:, :, cols] += ds.swapaxes(-1, -2) @ q_t
+            st.dq[:, :, rows] = dq_t.reshape(b, hkv, tq, g, d)
+
+    def bwd_end(self, st: BwdState, dkv, kv_dtype):
+        """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""
+        dq = self._merge_heads(st.dq * st.q.dtype.type(st.scale), st.out_dtype)
+        dk = self.xp.ascontiguousarray(dkv[0].transpose(0, 2, 1, 3).astype(kv_dtype))
+        dv = self.xp.ascontiguousarray(dkv[1].transpose(0, 2, 1, 3).astype(kv_dtype))
+        return dq, dk, dv

@@ -1,0 +1,234 @@
+"""Sequence layouts: which global tokens a rank holds, shard/unshard, masks, schedule.
+
+Everything here is a pure function of (layout, rank, size, seqlen) so that the
+ring schedule is testable without MPI or a GPU.
+
+Layouts (``size`` = N ranks, ``seqlen_local`` = L tokens per rank, S = N·L):
+
+* ``contiguous``: rank r holds tokens ``[r·L, (r+1)·L)``.
+* ``zigzag``: the sequence is cut into 2N chunks of L/2; rank r holds chunks
+  r and 2N−1−r. Causal work is then the same on every rank.
+* ``striped``: token t lives on rank ``t mod N`` (rank r holds r, r+N, …).
+
+A rank's global positions are described by *segments* ``(start, stride,
+length)``: contiguous and striped have one, zigzag two. Kernels take segments;
+the NumPy backend expands them with :func:`positions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "LAYOUTS",
+    "Mask",
+    "make_mask",
+    "Segment",
+    "segments",
+    "positions",
+    "step_schedule",
+    "block_has_work",
+    "shard",
+    "unshard",
+]
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Global positions ``start + stride·i`` for ``i in range(length)``."""
+
+    start: int
+    stride: int
+    length: int
+
+    @property
+    def last(self) -> int:
+        return self.start + self.stride * (self.length - 1)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Which (query, key) pairs may attend, on global token positions.
+
+    ``left``/``right`` bound ``pos_q − pos_k ≤ left`` and ``pos_k − pos_q ≤ right``
+    (None: unbounded); ``causal`` sets ``right = 0``. ``cu_seqlens`` (int64, global
+    document boundaries ``[0, …, S]``) restricts attention to one document.
+    """
+
+    causal: bool = False
+    left: int | None = None
+    right: int | None = None
+    cu_seqlens: np.ndarray | None = None
+
+    @property
+    def right_bound(self) -> int | None:
+        if self.causal:
+            return 0 if self.right is None else min(self.right, 0)
+        return self.right
+
+    @property
+    def is_full(self) -> bool:
+        return self.left is None and self.right_bound is None and self.cu_seqlens is None
+
+    def documents(self, pos: np.ndarray) -> np.ndarray:
+        """Document index of each global position (int64)."""
+        return np.searchsorted(self.cu_seqlens, pos, side="right") - 1
+
+    def allowed(self, qpos: np.ndarray, kpos: np.ndarray) -> np.ndarray:
+        """Dense boolean mask ``(len(qpos), len(kpos))``: True where attention is allowed."""
+        diff = qpos[:, None] - kpos[None, :]
+        ok = np.ones(diff.shape, dtype=bool)
+        if self.left is not None:
+            ok &= diff <= self.left
+        right = self.right_bound
+        if right is not None:
+            ok &= -diff <= right
+        if self.cu_seqlens is not None:
+            ok &= self.documents(qpos)[:, None] == self.documents(kpos)[None, :]
+        return ok
+
+
+def make_mask(causal=False, window=None, cu_seqlens=None) -> Mask:
+    """Normalise the user's mask options: ``window`` is None, an int w (|pos_q − pos_k| < w,
+    keys after the query excluded when causal) or a pair ``(left, right)`` as in
+    flash-attn (``pos_q − left ≤ pos_k ≤ pos_q + right``; None or −1: unbounded)."""
+    left = right = None
+    if window is not None:
+        if isinstance(window, (tuple, list)):
+            left, right = (None if w is None or w < 0 else int(w) for w in window)
+        else:
+            left = right = int(window) - 1
+    cu = None if cu_seqlens is None else np.asarray(cu_seqlens, dtype=np.int64)
+    return Mask(causal=bool(causal), left=left, right=right, cu_seqlens=cu)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
+
+
+def segments(layout: str, rank: int, size: int, seqlen_local: int) -> tuple[Segment, ...]:
+    """The global positions held by ``rank`` as one or two segments."""
+    _check_layout(layout)
+    if layout == "contiguous":
+        return (Segment(rank * seqlen_local, 1, seqlen_local),)
+    if layout == "striped":
+        return (Segment(rank, size, seqlen_local),)
+    if seqlen_local % 2:
+        raise ValueError(f"seqlen_local={seqlen_local} must be even for layout='zigzag'")
+    half = seqlen_local // 2
+    return (Segment(rank * half, 1, half), Segment((2 * size - 1 - rank) * half, 1, half))
+
+
+def positions(layout: str, rank: int, size: int, seqlen_local: int) -> np.ndarray:
+    """Global token positions (int64, length ``seqlen_local``) held by ``rank``."""
+    segs = segments(layout, rank, size, seqlen_local)
+    return np.concatenate([s.start + s.stride * np.arange(s.length, dtype=np.int64) for s in segs])
+
+
+def block_has_work(qpos: np.ndarray, kpos: np.ndarray, mask: Mask) -> bool:
+    """True if at least one (q, k) pair of these position sets is allowed (exact)."""
+    if len(qpos) == 0 or len(kpos) == 0:
+        return False
+    if mask.is_full:
+        return True
+    ks = np.sort(kpos)
+    lo = qpos - mask.left if mask.left is not None else np.full_like(qpos, ks[0])
+    right = mask.right_bound
+    hi = qpos + right if right is not None else np.full_like(qpos, ks[-1])
+    if mask.cu_seqlens is not None:
+        doc = mask.documents(qpos)
+        lo = np.maximum(lo, mask.cu_seqlens[doc])
+        hi = np.minimum(hi, mask.cu_seqlens[doc + 1] - 1)
+    counts = np.searchsorted(ks, hi, side="right") - np.searchsorted(ks, lo, side="left")
+    return bool(np.any(counts > 0))
+
+
+def step_schedule(
+    layout: str, rank: int, size: int, seqlen_q: int, seqlen_k: int, mask: Mask
+) -> tuple[bool, ...]:
+    """For ring step s (K/V of rank ``(rank − s) mod size`` in hand): is there any work?
+
+    Steps that are fully masked are skipped by the ring loop, but their K/V still
+    travels so that the ring stays in lockstep.
+    """
+    qpos = positions(layout, rank, size, seqlen_q)
+    return tuple(
+        block_has_work(qpos, positions(layout, (rank - s) % size, size, seqlen_k), mask)
+        for s in range(size)
+    )
+
+
+def _global_length(seqlen: int, size: int, layout: str) -> int:
+    chunks = 2 * size if layout == "zigzag" else size
+    if seqlen % chunks:
+        raise ValueError(f"seqlen={seqlen} must be divisible by {chunks} for layout={layout!r} on {size} ranks")
+    return seqlen // size
+
+
+def _comm(comm):
+    if comm is None:
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD
+    return comm
+
+
+def shard(x, comm=None, *, layout: str = "zigzag", axis: int = 1):
+    """This rank's part of a global array, as a new contiguous array.
+
+    Parameters
+    ----------
+    x : array, the whole sequence on every rank, e.g. ``(batch, seqlen, heads, head_dim)``.
+    comm : MPI intracommunicator (default ``MPI.COMM_WORLD``).
+    layout : ``"contiguous"``, ``"zigzag"`` or ``"striped"``.
+    axis : the sequence axis (1 for q/k/v, 2 for lse ``(batch, heads, seqlen)``).
+
+    Returns
+    -------
+    The same kind of array with ``seqlen / size`` tokens along ``axis``.
+    """
+    comm = _comm(comm)
+    _check_layout(layout)
+    axis = axis % x.ndim
+    seqlen_local = _global_length(x.shape[axis], comm.size, layout)
+    index = [slice(None)] * x.ndim
+    parts = []
+    for seg in segments(layout, comm.rank, comm.size, seqlen_local):
+        index[axis] = slice(seg.start, seg.last + 1, seg.stride)
+        parts.append(x[tuple(index)])
+    xp = _array_module(x)
+    return xp.ascontiguousarray(xp.concatenate(parts, axis=axis))
+
+
+def unshard(x_local, comm=None, *, layout: str = "zigzag", axis: int = 1):
+    """Gather every rank's part into the whole sequence (on every rank); inverse of :func:`shard`.
+
+    CuPy arrays are gathered through host memory (this is a utility, not a hot path).
+    """
+    comm = _comm(comm)
+    _check_layout(layout)
+    axis = axis % x_local.ndim
+    xp = _array_module(x_local)
+    host = np.ascontiguousarray(x_local.get() if xp is not np else x_local)
+    gathered = np.empty((comm.size,) + host.shape, dtype=host.dtype)
+    comm.Allgather(host.view(np.uint8), gathered.view(np.uint8))
+    seqlen_local = host.shape[axis]
+    shape = list(host.shape)
+    shape[axis] = seqlen_local * comm.size
+    out = np.empty(shape, dtype=host.dtype)
+    index = [slice(None)] * host.ndim
+    for r in range(comm.size):
+        index[axis] = positions(layout, r, comm.size, seqlen_local)
+        out[tuple(index)] = gathered[r]
+    return out if xp is np else xp.asarray(out)
+
+
+def _array_module(x):
+    from mpiring._xp import array_module
+
+    return array_module(x)

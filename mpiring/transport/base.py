@@ -1,0 +1,69 @@
+"""The transport protocol: the ring loop's only view of communication.
+
+A ring step *posts* one exchange (send buffers to ``send_rank`` = rank+1,
+receive buffers from ``recv_rank`` = rank−1) before its compute and *waits*
+for it after. Each post is one hop of one message per buffer; transports count
+hops so that tests can check the schedule (N−1 K/V hops forward, 2N−1
+K/V + dK/dV hops backward).
+
+GPU transports receive two readiness tokens from the backend: ``send_ready``
+(an event after which the send buffers hold their data) and ``recv_free`` (an
+event after which no queued kernel reads the receive buffers). Host transports
+ignore them: NumPy compute is synchronous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Transport", "Exchange"]
+
+
+@dataclass
+class Exchange:
+    """One posted exchange; ``wait`` it exactly once."""
+
+    requests: list = field(default_factory=list)
+    done: bool = False
+
+
+class Transport:
+    """Base class: subclasses implement ``_post`` and ``_wait``."""
+
+    name = "base"
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.send_rank = (self.rank + 1) % self.size
+        self.recv_rank = (self.rank - 1) % self.size
+        self.hops = 0  # messages posted since construction (one per buffer per post)
+        self._pending = 0
+
+    def post(self, send, recv, *, tag: int, send_ready=None, recv_free=None) -> Exchange:
+        """Send ``send`` (list of arrays) to rank+1 and receive ``recv`` from rank−1."""
+        if len(send) != len(recv):
+            raise ValueError(f"post needs as many receive as send buffers, got {len(send)} and {len(recv)}")
+        exchange = self._post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free)
+        self.hops += len(send)
+        self._pending += 1
+        return exchange
+
+    def wait(self, exchange: Exchange) -> None:
+        """Block until the exchange completed (or make the compute stream wait for it)."""
+        if exchange.done:
+            raise RuntimeError("exchange already waited")
+        self._wait(exchange)
+        exchange.done = True
+        self._pending -= 1
+
+    @property
+    def pending(self) -> int:
+        """Exchanges posted and not yet waited (0 after every complete ring call)."""
+        return self._pending
+
+    def _post(self, send, recv, *, tag, send_ready, recv_free) -> Exchange:  # pragma: no cover
+        raise NotImplementedError
+
+    def _wait(self, exchange: Exchange) -> None:  # pragma: no cover
+        raise NotImplementedError

@@ -1,0 +1,30 @@
+"""MPI point-to-point on host (NumPy) buffers: Isend/Irecv posted, Waitall."""
+
+from __future__ import annotations
+
+import numpy as np
+from mpi4py import MPI
+
+from mpiring.transport.base import Exchange, Transport
+
+
+def byte_view(buf) -> list:
+    """``[uint8 view, MPI.BYTE]``: MPI can't describe bfloat16, bytes always work."""
+    return [np.ascontiguousarray(buf).reshape(-1).view(np.uint8), MPI.BYTE]
+
+
+class MpiHostTransport(Transport):
+    """Isend to rank+1 / Irecv from rank−1 on NumPy arrays (any MPI)."""
+
+    name = "mpi-host"
+
+    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None) -> Exchange:
+        for buf in (*send, *recv):
+            if not buf.flags.c_contiguous:
+                raise ValueError("transport buffers must be C-contiguous")
+        reqs = [self.comm.Irecv(byte_view(r), source=self.recv_rank, tag=tag) for r in recv]
+        reqs += [self.comm.Isend(byte_view(s), dest=self.send_rank, tag=tag) for s in send]
+        return Exchange(requests=reqs)
+
+    def _wait(self, exchange: Exchange) -> None:
+        MPI.Request.Waitall(exchange.requests)
