@@ -105,7 +105,9 @@ def _check_arrays(named: dict) -> None:
             names = [dtype_name(d) for d in SUPPORTED_DTYPES]
             raise _LocalError(TypeError, f"{name}.dtype={dtype_name(x.dtype)} is not supported; use one of {names}")
         if x.dtype != q.dtype:
-            raise _LocalError(TypeError, f"{name}.dtype={dtype_name(x.dtype)} differs from q.dtype={dtype_name(q.dtype)}")
+            raise _LocalError(
+                TypeError, f"{name}.dtype={dtype_name(x.dtype)} differs from q.dtype={dtype_name(q.dtype)}"
+            )
     if k.shape != v.shape:
         raise _LocalError(ValueError, f"k.shape={k.shape} differs from v.shape={v.shape}")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
@@ -204,7 +206,8 @@ def _make_mask(causal, window, cu_seqlens, seqlen_global: int) -> _layout.Mask:
         pair = window if isinstance(window, (tuple, list)) else None
         if pair is None and (not isinstance(window, (int, np.integer)) or window < 1):
             raise _LocalError(ValueError, f"window={window!r} must be None, an int >= 1 or a pair (left, right)")
-        if pair is not None and (len(pair) != 2 or not all(w is None or isinstance(w, (int, np.integer)) for w in pair)):
+        ints = pair is not None and all(w is None or isinstance(w, (int, np.integer)) for w in pair)
+        if pair is not None and (len(pair) != 2 or not ints):
             raise _LocalError(ValueError, f"window={window!r} must be a pair of ints (or None) (left, right)")
     if cu_seqlens is not None:
         cu = np.asarray(cu_seqlens.get() if is_cupy(cu_seqlens) else cu_seqlens)
