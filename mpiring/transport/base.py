@@ -14,6 +14,7 @@ ignore them: NumPy compute is synchronous.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 __all__ = ["Transport", "Exchange"]
@@ -49,11 +50,15 @@ class Transport:
         self._pending += 1
         return exchange
 
-    def wait(self, exchange: Exchange) -> None:
-        """Block until the exchange completed (or make the compute stream wait for it)."""
+    def wait(self, exchange: Exchange, timeout: float | None = None) -> None:
+        """Block until the exchange completed (or make the compute stream wait for it).
+
+        With ``timeout`` (seconds), raise :class:`TimeoutError` instead of waiting longer.
+        """
         if exchange.done:
             raise RuntimeError("exchange already waited")
-        self._wait(exchange)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._wait(exchange, deadline)
         exchange.done = True
         self._pending -= 1
 
@@ -65,5 +70,5 @@ class Transport:
     def _post(self, send, recv, *, tag, send_ready, recv_free) -> Exchange:  # pragma: no cover
         raise NotImplementedError
 
-    def _wait(self, exchange: Exchange) -> None:  # pragma: no cover
+    def _wait(self, exchange: Exchange, deadline: float | None) -> None:  # pragma: no cover
         raise NotImplementedError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from mpi4py import MPI
 
@@ -26,5 +28,19 @@ class MpiHostTransport(Transport):
         reqs += [self.comm.Isend(byte_view(s), dest=self.send_rank, tag=tag) for s in send]
         return Exchange(requests=reqs)
 
-    def _wait(self, exchange: Exchange) -> None:
-        MPI.Request.Waitall(exchange.requests)
+    def _wait(self, exchange: Exchange, deadline: float | None) -> None:
+        wait_requests(exchange.requests, deadline, self)
+
+
+def wait_requests(requests: list, deadline: float | None, transport) -> None:
+    """Waitall, or poll Testall until ``deadline`` (time.monotonic) and raise TimeoutError."""
+    if deadline is None:
+        MPI.Request.Waitall(requests)
+        return
+    while not MPI.Request.Testall(requests):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{transport.name}: ring exchange with ranks {transport.recv_rank} -> {transport.rank} -> "
+                f"{transport.send_rank} did not complete in time"
+            )
+        time.sleep(1e-4)
