@@ -34,11 +34,14 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     lse : ``(batch, heads, seqlen)`` in the dtype of ``lse_a``.
     """
     xp = array_module(out_a)
-    lse = xp.logaddexp(lse_a, lse_b)
-    finite = xp.isfinite(lse)
-    # sigmoid(lse_b − lse_a) == exp(lse_b − lse): in [0, 1], no overflow.
-    weight_b = xp.where(finite, xp.exp(xp.where(finite, lse_b - lse, 0.0)), 0.0)
+    lse = xp.logaddexp(lse_a, lse_b)  # == lse_a − logsigmoid(lse_a − lse_b), stable at ±inf
+    # Weight of b: sigmoid(lse_b − lse_a), from the difference of the inputs (not of the
+    # rounded merged lse, which at |lse| ~ 1e4 in float32 has lost 3 decimal digits).
+    both_empty = xp.isneginf(lse_a) & xp.isneginf(lse_b)
+    diff = lse_b - xp.where(both_empty, 0, lse_a)  # −inf where both are empty
+    e = xp.exp(-xp.abs(diff))
+    weight_b = xp.where(diff >= 0, 1 / (1 + e), e / (1 + e))
     weight_b = xp.moveaxis(weight_b, 1, 2)[..., None].astype(out_a.dtype)
     out = out_a - weight_b * (out_a - out_b)
-    out = xp.where(xp.moveaxis(finite, 1, 2)[..., None], out, 0)
+    out = xp.where(xp.moveaxis(both_empty, 1, 2)[..., None], 0, out)
     return out.astype(out_a.dtype), lse.astype(lse_a.dtype)

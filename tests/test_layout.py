@@ -1,0 +1,115 @@
+"""Layouts, shard/unshard, masks, the per-step schedule and tile classification."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from ml_dtypes import bfloat16
+
+import mpiring
+from mpiring.backends.numpy_ import _TilePairs
+from mpiring.layout import LAYOUTS, Mask, block_has_work, make_mask, positions, segments, step_schedule
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("size", (1, 2, 3, 4, 7))
+def test_positions_partition_the_sequence(layout, size):
+    seqlen_local = 6
+    allpos = np.concatenate([positions(layout, r, size, seqlen_local) for r in range(size)])
+    np.testing.assert_array_equal(np.sort(allpos), np.arange(size * seqlen_local))
+    for r in range(size):
+        pos = positions(layout, r, size, seqlen_local)
+        assert np.all(np.diff(pos[: seqlen_local // 2]) > 0)  # increasing inside a segment
+
+
+@pytest.mark.serial
+def test_layout_examples():
+    assert list(positions("contiguous", 1, 4, 3)) == [3, 4, 5]
+    assert list(positions("striped", 1, 4, 3)) == [1, 5, 9]
+    assert list(positions("zigzag", 1, 4, 4)) == [2, 3, 12, 13]  # chunks 1 and 2N-1-1=6 of size 2
+    assert len(segments("zigzag", 0, 2, 4)) == 2
+    with pytest.raises(ValueError, match="even"):
+        segments("zigzag", 0, 2, 5)
+    with pytest.raises(ValueError, match="layout="):
+        segments("diagonal", 0, 2, 4)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", (np.float32, bfloat16, np.int64))
+def test_shard_unshard_roundtrip(comm, seed, layout, dtype):
+    size = comm.Get_size()
+    x = np.random.default_rng(seed).standard_normal((2, 4 * size, 3, 5)).astype(dtype)
+    local = mpiring.shard(x, comm, layout=layout)
+    assert local.shape == (2, 4, 3, 5) and local.flags.c_contiguous
+    np.testing.assert_array_equal(local, x[:, positions(layout, comm.Get_rank(), size, 4)])
+    np.testing.assert_array_equal(mpiring.unshard(local, comm, layout=layout), x)
+    lse = np.random.default_rng(seed).standard_normal((2, 3, 4 * size)).astype(np.float32)
+    back = mpiring.unshard(mpiring.shard(lse, comm, layout=layout, axis=2), comm, layout=layout, axis=-1)
+    np.testing.assert_array_equal(back, lse)
+
+
+def test_shard_rejects_indivisible(comm):
+    size = comm.Get_size()
+    with pytest.raises(ValueError, match="divisible"):
+        mpiring.shard(np.zeros((1, 2 * size + 1, 1, 1)), comm, layout="zigzag")
+
+
+@pytest.mark.serial
+def test_make_mask_conventions():
+    assert make_mask(window=4) == Mask(left=3, right=3)
+    assert make_mask(causal=True, window=4).right_bound == 0
+    assert make_mask(window=(2, -1)) == Mask(left=2, right=None)
+    allowed = make_mask(causal=True, window=3).allowed(np.arange(5), np.arange(5))
+    np.testing.assert_array_equal(allowed.sum(1), [1, 2, 3, 3, 3])
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("size", (1, 2, 4))
+def test_schedule_contiguous_causal(size):
+    for rank in range(size):
+        expect = tuple(s <= rank for s in range(size))
+        assert step_schedule("contiguous", rank, size, 8, 8, Mask(causal=True)) == expect
+
+
+@pytest.mark.serial
+def test_schedule_balanced_and_windowed():
+    # zigzag and striped: every step has causal work on every rank
+    for layout in ("zigzag", "striped"):
+        for rank in range(4):
+            assert all(step_schedule(layout, rank, 4, 8, 8, Mask(causal=True)))
+    # a causal window shorter than a block reaches only this block and the previous one
+    sched = step_schedule("contiguous", 2, 4, 8, 8, make_mask(causal=True, window=5))
+    assert sched == (True, True, False, False)
+
+
+mask_strategy = st.builds(
+    lambda causal, left, right, docs: make_mask(causal, (left, right), docs),
+    st.booleans(), st.one_of(st.none(), st.integers(0, 30)), st.one_of(st.none(), st.integers(0, 30)),
+    st.one_of(st.none(), st.lists(st.integers(1, 20), min_size=1, max_size=6).map(lambda d: [0, *np.cumsum(d)])),
+)
+
+
+@pytest.mark.serial
+@settings(max_examples=200, deadline=None)
+@given(mask=mask_strategy, layout=st.sampled_from(LAYOUTS), size=st.integers(1, 4), rank=st.integers(0, 3),
+       src=st.integers(0, 3), half=st.integers(1, 8))
+def test_schedule_and_tiles_match_dense_mask(mask, layout, size, rank, src, half):
+    """block_has_work is exact, and tile classification never skips allowed pairs
+    nor marks a tile 'full' that has a masked pair."""
+    rank, src, seqlen_local = rank % size, src % size, 2 * half
+    if mask.cu_seqlens is not None:  # documents must cover exactly the global sequence
+        cu = np.minimum(mask.cu_seqlens, size * seqlen_local)
+        mask = Mask(mask.causal, mask.left, mask.right, np.append(cu[cu < size * seqlen_local], size * seqlen_local))
+    qpos, kpos = positions(layout, rank, size, seqlen_local), positions(layout, src, size, seqlen_local)
+    dense = mask.allowed(qpos, kpos)
+    assert block_has_work(qpos, kpos, mask) == bool(dense.any())
+    pairs = _TilePairs(np, segments(layout, rank, size, seqlen_local), segments(layout, src, size, seqlen_local),
+                       mask, 3, 2)
+    for qt in pairs.q_tiles:
+        for kt in pairs.k_tiles:
+            block = dense[qt.lo:qt.hi, kt.lo:kt.hi]
+            kind = pairs.classify(qt, kt)
+            assert kind != "skip" or not block.any()
+            assert kind != "full" or block.all()
+            np.testing.assert_array_equal(pairs.allowed(qt, kt)[:, 0, :], block)
