@@ -94,11 +94,17 @@ def assert_close(name, x, ref, dtype, lowp_ref=None):
     assert err <= tol, f"{name}: relative error {err:.3e} > tolerance {tol:.3e} ({dtype.name})"
 
 
+def to_host(x):
+    """A NumPy copy of a NumPy or CuPy array."""
+    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else x
+
+
 def check_ring(comm, seed, *, batch=1, seqlen_local=24, heads=4, heads_kv=2, head_dim=16,
-               dtype=np.float32, layout="contiguous", backward=True, **options):
+               dtype=np.float32, layout="contiguous", backward=True, xp=np, **options):
     """Run the ring forward (and backward) on shards of a random problem and assert
     every output against the float64 oracle; outputs are compared element-wise so a
-    NaN-poisoned or unwritten element fails."""
+    NaN-poisoned or unwritten element fails. ``xp``: the array module the ring runs on
+    (NumPy, or CuPy for the GPU path); the oracle always runs on NumPy."""
     size = comm.Get_size()
     q, k, v, dout = random_problem(seed, batch, seqlen_local * size, heads, heads_kv, head_dim, dtype)
     ref_opts = {key: options[key] for key in ("causal", "window", "cu_seqlens", "softmax_scale") if key in options}
@@ -107,14 +113,18 @@ def check_ring(comm, seed, *, batch=1, seqlen_local=24, heads=4, heads_kv=2, hea
     lowp = [None] * 4
     if np.dtype(dtype) in LOW_PRECISION:
         lowp = dense_same_precision(q, k, v, dout, dtype, **ref_opts)
-    out, lse = mpiring.ring_attention(sh(q), sh(k), sh(v), comm, layout=layout, **options)
+    dev = lambda x: xp.asarray(sh(x))  # noqa: E731
+    out_dev, lse_dev = mpiring.ring_attention(dev(q), dev(k), dev(v), comm, layout=layout, **options)
+    out, lse = to_host(out_dev), to_host(lse_dev)
     assert out.dtype == q.dtype and out.shape == sh(q).shape
     assert_close("out", out, sh(out_ref), dtype, lowp[0] if lowp[0] is None else sh(lowp[0]))
     np.testing.assert_allclose(lse, sh(lse_ref, 2), rtol=0, atol=1e-4 if dtype != np.float64 else 1e-10)
     if not backward:
         return
     grads_ref = mpiring.attention_reference_backward(dout, q, k, v, **ref_opts)
-    grads = mpiring.ring_attention_backward(sh(dout), sh(q), sh(k), sh(v), out, lse, comm, layout=layout, **options)
+    grads = mpiring.ring_attention_backward(dev(dout), dev(q), dev(k), dev(v), out_dev, lse_dev, comm,
+                                            layout=layout, **options)
+    grads = [to_host(g) for g in grads]
     for name, g, g_ref, g_lp in zip(("dq", "dk", "dv"), grads, grads_ref, lowp[1:]):
         assert g.dtype == q.dtype
         assert_close(name, g, sh(g_ref), dtype, g_lp if g_lp is None else sh(g_lp))

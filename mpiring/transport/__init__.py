@@ -12,7 +12,10 @@ import os
 from mpiring.transport.base import Exchange, Transport
 from mpiring.transport.mpi_host import MpiHostTransport
 
-__all__ = ["Exchange", "Transport", "MpiHostTransport", "TRANSPORTS", "check_transport_name", "select_transport"]
+__all__ = [
+    "Exchange", "Transport", "MpiHostTransport", "TRANSPORTS", "check_transport_name", "chosen_transport",
+    "select_transport",
+]
 
 HOST_TRANSPORTS = ("mpi-host",)
 GPU_TRANSPORTS = ("mpi-cuda", "mpi-staged", "nccl")
@@ -43,3 +46,17 @@ def select_transport(name: str, comm, xp) -> Transport:
     from mpiring.transport.gpu import select_gpu_transport
 
     return select_gpu_transport(name, comm)
+
+
+def chosen_transport(array_kind: str = "cupy", comm=None, name: str = "auto") -> str:
+    """The transport the ring uses for ``array_kind`` ("numpy"/"cupy") arrays on ``comm``.
+
+    Collective for "cupy" (default ``MPI.COMM_WORLD``; honours ``MPIRING_TRANSPORT``);
+    :func:`mpiring.transport.gpu.chosen_gpu_transport` also says why.
+    """
+    check_transport_name(name, array_kind)
+    if array_kind == "numpy":
+        return MpiHostTransport.name
+    from mpiring.transport.gpu import chosen_gpu_transport
+
+    return chosen_gpu_transport(comm, name)[0]

@@ -1,0 +1,36 @@
+#!/bin/bash
+# GPU correctness of the three transports, for a GPU machine with N GPUs (one rank each):
+#   1. the machine's own MPI (not CUDA-aware): nccl, mpi-staged; mpi-cuda must be refused;
+#   2. the CUDA-aware Open MPI (bench/gpu_env.sh): mpi-cuda, and auto must pick it.
+# Usage: bash bench/gpu_check.sh [N]     (logs under $OUT, a short table last)
+# Needs .gpu/openmpi-4.1.4-cuda.tar.gz and, where pytest-mpi is missing, its wheel in .whl/.
+set -o pipefail
+NP=${1:-$(nvidia-smi -L | wc -l)}
+OUT=${OUT:-/tmp/mpiring-out}; mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi -L | tee "$OUT/gpus.txt"
+PYTEST="python3 -m mpi4py -m pytest -q -p no:cacheprovider --with-mpi --timeout=600 tests/test_gpu_ring.py"
+declare -A result
+
+run() {  # run NAME MPIRUN ARGS...: one pytest job, its last line into the table
+    local name=$1; shift
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    result[$name]="rc=$? $(grep -aE '(passed|failed|error)' "$OUT/$name.log" | tail -1)"
+}
+
+run "system-mpi-n$NP" mpirun --bind-to none -np "$NP" -x PYTHONPATH -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED $PYTEST
+(
+    . bench/gpu_env.sh .gpu/openmpi-4.1.4-cuda.tar.gz || exit 1
+    python3 -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
+    ompi_info --parsable --all | grep mpi_built_with_cuda_support
+    run "cuda-mpi-n$NP" $MPIRUN -np "$NP" $PYTEST -k "mpi-cuda or auto"
+    declare -p result > "$OUT/.cuda-result"
+)
+[ -f "$OUT/.cuda-result" ] && . "$OUT/.cuda-result" && rm -f "$OUT/.cuda-result"
+echo; echo "| job | result |"; echo "|---|---|"
+for name in "${!result[@]}"; do echo "| $name | ${result[$name]} |"; done

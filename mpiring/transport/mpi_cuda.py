@@ -1,0 +1,55 @@
+"""CUDA-aware MPI: Isend/Irecv straight on device buffers.
+
+MPI is stream-unaware (DESIGN.md §4): it reads and writes device memory whenever it
+progresses, outside any CUDA stream. So before posting, the host synchronises
+
+* ``send_ready`` — the stream that produced the send buffer has finished writing it;
+* ``recv_free`` — no queued kernel still reads the receive buffer (the previous step's).
+
+At step s both are events of work already queued *before* step s's kernel is launched,
+so the wait is short; once ``Waitall`` returns, the data is in device memory (CUDA-aware
+MPIs complete a request only after their own copies finished), and the compute stream
+can read it without an event.
+
+Only constructed where :func:`mpiring.transport.gpu.mpi_cuda_support` is true: a
+non-CUDA-aware MPI segfaults on a device pointer.
+"""
+
+from __future__ import annotations
+
+from mpi4py import MPI
+
+from mpiring.transport.gpu import GpuExchange, GpuTransport, byte_pieces, device_bytes
+from mpiring.transport.mpi_host import wait_requests
+
+# MPI counts are C ints in MPI-3 libraries (Open MPI 4.x): split larger messages.
+_MAX_MESSAGE = 1 << 30
+
+
+class MpiCudaTransport(GpuTransport):
+    """Isend to rank+1 / Irecv from rank−1 on CuPy arrays (CUDA-aware MPI only)."""
+
+    name = "mpi-cuda"
+
+    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None) -> GpuExchange:
+        self.check_buffers((*send, *recv))
+        for event in (send_ready, recv_free):
+            if event is not None:
+                event.synchronize()
+        reqs = [
+            self.comm.Irecv([view[lo:hi], MPI.BYTE], source=self.recv_rank, tag=tag)
+            for view in map(device_bytes, recv) for lo, hi in byte_pieces(view.size, _MAX_MESSAGE)
+        ]
+        reqs += [
+            self.comm.Isend([view[lo:hi], MPI.BYTE], dest=self.send_rank, tag=tag)
+            for view in map(device_bytes, send) for lo, hi in byte_pieces(view.size, _MAX_MESSAGE)
+        ]
+        ex = GpuExchange(requests=reqs)
+        self._mark_post(ex, tag, comm_start=self.wtime())
+        return ex
+
+    def _wait(self, exchange: GpuExchange, deadline: float | None) -> None:
+        self._mark_wait_begin(exchange)
+        wait_requests(exchange.requests, deadline, self)
+        self._mark_done(exchange, self.wtime())
+

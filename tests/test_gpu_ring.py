@@ -1,0 +1,179 @@
+"""The GPU ring over each GPU transport (mpi-cuda, mpi-staged, nccl) against the float64 oracle.
+
+Run on a GPU machine at ``mpiexec -n 2`` and ``-n 4`` (one GPU per rank, see
+``bench/gpu_check.sh``); GPU tests skip where CuPy or a device is missing, and the
+``mpi-cuda`` ones where the loaded MPI is not CUDA-aware. The probe and the choice logic
+are also tested without a GPU.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from helpers import assert_close, check_ring, dense_same_precision, random_problem, to_host
+from ml_dtypes import bfloat16
+from mpi4py import MPI
+
+import mpiring
+from mpiring.api import private_comm
+from mpiring.transport import chosen_transport
+from mpiring.transport.gpu import byte_pieces, mpi_cuda_support, select_gpu_transport
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.is_available() else None
+    except Exception:  # a broken driver install: no GPU for us
+        return None
+
+
+cp = _cupy()
+gpu = pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device")
+CUDA_AWARE = mpi_cuda_support()[0]
+TRANSPORTS = [
+    pytest.param("mpi-cuda", marks=pytest.mark.skipif(not CUDA_AWARE, reason="the loaded MPI is not CUDA-aware")),
+    "mpi-staged",
+    "nccl",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_gpu_per_rank():
+    if cp is not None:
+        from mpiring.transport.gpu import select_device
+
+        select_device(MPI.COMM_WORLD)
+
+
+# --- without a GPU --------------------------------------------------------------------
+@pytest.mark.serial
+def test_probe_reports_a_reason(monkeypatch):
+    monkeypatch.delenv("MPIRING_CUDA_AWARE_MPI", raising=False)
+    supported, reason = mpi_cuda_support()
+    assert isinstance(supported, bool) and "MPIX_Query_cuda_support" in reason
+    monkeypatch.setenv("MPIRING_CUDA_AWARE_MPI", "1")
+    assert mpi_cuda_support() == (True, "MPIRING_CUDA_AWARE_MPI=1")
+    monkeypatch.setenv("MPIRING_CUDA_AWARE_MPI", "yes")
+    with pytest.raises(ValueError, match="MPIRING_CUDA_AWARE_MPI"):
+        mpi_cuda_support()
+
+
+@pytest.mark.serial
+def test_byte_pieces():
+    assert byte_pieces(0, 4) == [(0, 0)]
+    assert byte_pieces(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert byte_pieces(8, 4) == [(0, 4), (4, 8)]
+
+
+def test_chosen_transport_numpy(comm):
+    assert chosen_transport("numpy", comm) == "mpi-host"
+    with pytest.raises(ValueError, match="can't move numpy"):
+        chosen_transport("numpy", comm, "nccl")
+
+
+# --- on a GPU -------------------------------------------------------------------------
+@gpu
+def test_auto_choice(comm, monkeypatch):
+    """auto: mpi-cuda where MPI is CUDA-aware, else nccl (CuPy has it on the test machines);
+    MPIRING_TRANSPORT overrides."""
+    monkeypatch.delenv("MPIRING_TRANSPORT", raising=False)
+    name = chosen_transport("cupy", comm)
+    assert name == ("mpi-cuda" if CUDA_AWARE else "nccl")
+    monkeypatch.setenv("MPIRING_TRANSPORT", "mpi-staged")
+    assert chosen_transport("cupy", comm) == "mpi-staged"
+
+
+@gpu
+@pytest.mark.skipif(CUDA_AWARE, reason="the loaded MPI is CUDA-aware")
+def test_mpi_cuda_refused_without_cuda_aware_mpi(comm, seed):
+    """A clear error on every rank, never a segfault inside MPI."""
+    if comm.Get_size() == 1:
+        pytest.skip("no transport at -n 1")
+    x = cp.asarray(random_problem(seed, 1, 8, 2, 2, 16, np.float32)[0])
+    with pytest.raises(RuntimeError, match="CUDA-aware"):
+        mpiring.ring_attention(x, x, x, comm, transport="mpi-cuda")
+
+
+@gpu
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, bfloat16], ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("heads_kv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
+def test_oracle(comm, seed, transport, dtype, heads_kv, causal, layout):
+    """Forward and backward of every layout × causal × GQA × dtype, against the oracle.
+    130 tokens per rank: not a multiple of any tile size, even for zigzag."""
+    check_ring(comm, seed, seqlen_local=130, heads=4, heads_kv=heads_kv, head_dim=64, dtype=dtype,
+               layout=layout, causal=causal, transport=transport, xp=cp)
+
+
+@gpu
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_message_counts(comm, seed, transport):
+    """N−1 K/V hops forward; N−1 K/V + N dK/dV hops backward; nothing left pending."""
+    size = comm.Get_size()
+    if size == 1:
+        pytest.skip("no transport at -n 1")
+    tr = select_gpu_transport(transport, private_comm(comm))
+    q, k, v, do = (cp.asarray(x) for x in random_problem(seed, 1, 16, 2, 1, 16, np.float32))
+    before = tr.hops
+    out, lse = mpiring.ring_attention(q, k, v, comm, causal=True, layout="zigzag", transport=transport)
+    assert tr.hops - before == size - 1 and tr.pending == 0
+    mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=True, layout="zigzag", transport=transport)
+    assert tr.hops - before == (size - 1) + (2 * size - 1) and tr.pending == 0
+
+
+@gpu
+def test_chunked_staging(comm, seed):
+    """mpi-staged: messages split in many pieces (tiny staging chunks) arrive whole and in order."""
+    from mpiring.transport.mpi_staged import MpiStagedTransport
+
+    tr = MpiStagedTransport(private_comm(comm), chunk_bytes=1000)
+    check_ring(comm, seed, seqlen_local=64, heads=4, heads_kv=2, head_dim=32, dtype=bfloat16,
+               layout="zigzag", causal=True, transport=tr, xp=cp)
+
+
+@gpu
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_back_to_back_under_load(comm, seed, transport):
+    """200 forward+backward calls queued back to back on fresh inputs, with no host
+    synchronisation between them, then every output checked: a receive landing in a
+    buffer that a queued kernel still reads, or a send of unfinished data, shows here."""
+    calls = int(os.environ.get("MPIRING_LOAD_CALLS", "200"))
+    size = comm.Get_size()
+    dtype, shape = bfloat16, dict(batch=1, heads=4, heads_kv=2, head_dim=64)
+    opts = dict(causal=True, layout="zigzag", transport=transport)
+    sh = lambda x, axis=1: mpiring.shard(x, comm, layout="zigzag", axis=axis)  # noqa: E731
+    problems = [random_problem(seed + i, seqlen=64 * size, dtype=dtype, **shape) for i in range(calls)]
+    results = []
+    for q, k, v, do in problems:  # everything queued; results stay on the GPU
+        q, k, v, do = (cp.asarray(sh(x)) for x in (q, k, v, do))
+        out, lse = mpiring.ring_attention(q, k, v, comm, **opts)
+        results.append((out, lse, mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, **opts)))
+    for i, ((q, k, v, do), (out, lse, grads)) in enumerate(zip(problems, results)):
+        out_ref, lse_ref = mpiring.attention_reference(q, k, v, causal=True)
+        refs = [out_ref, *mpiring.attention_reference_backward(do, q, k, v, causal=True)]
+        lowp = dense_same_precision(q, k, v, do, dtype, causal=True)
+        np.testing.assert_allclose(to_host(lse), sh(lse_ref, 2), rtol=0, atol=1e-4, err_msg=f"call {i}")
+        for name, x, ref, lp in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, lowp):
+            assert_close(f"call {i}: {name}", to_host(x), sh(ref), dtype, sh(lp))
+
+
+@gpu
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_step_timing(comm, seed, transport):
+    """The bench's per-exchange timing: one row per exchange, positive times."""
+    size = comm.Get_size()
+    if size == 1:
+        pytest.skip("no transport at -n 1")
+    tr = select_gpu_transport(transport, private_comm(comm))
+    q, k, v, _ = (cp.asarray(x) for x in random_problem(seed, 1, 256, 4, 4, 64, bfloat16))
+    tr.start_timing()
+    mpiring.ring_attention(q, k, v, comm, transport=transport)
+    rows = tr.step_times()
+    assert len(rows) == size - 1
+    assert all(r["compute_s"] > 0 and r["comm_s"] > 0 for r in rows)
