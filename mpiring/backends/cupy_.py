@@ -1,0 +1,291 @@
+"""CUDA kernel backend: thin launchers over the tensor-core kernels in ``mpiring/kernels``.
+
+The kernels are compiled by CuPy's ``RawModule`` (NVRTC), one module per
+(device, kernel file, head dim, tile shape), memoised. Every launch goes to
+CuPy's current stream on the arrays' device; :meth:`CudaKernelBackend.record`
+returns an event on that stream (the GPU transports wait on it).
+
+Internal layouts (all contiguous; B batch, S tokens, H q heads, Hkv kv heads, D head dim):
+
+* ``q``, ``out``, ``dout``: ``(B, Sq, H, D)`` input dtype, as the caller gives them
+* travelling K/V: ``(2, B, Sk, Hkv, D)`` input dtype; travelling dK/dV: same shape, float32
+* forward state: ``acc`` ``(B, Sq, H, D)`` float32; ``m`` (log2 units, scale folded in)
+  and ``l`` ``(B, H, Sq)`` float32
+* backward: ``dq_acc`` ``(B, Sq, H, D)`` float32 (scale applied), ``delta`` ``(B, H, Sq)``
+
+When the backend knows how many ring steps will run (``steps``), the first step
+starts the softmax from nothing and the last one writes ``out``/``lse`` directly,
+so a single-step call (``-n 1``) is one kernel with FlashAttention's memory traffic.
+
+The per-rank device choice (DESIGN.md §4) is :func:`mpiring.transport.gpu.select_device`;
+launches follow the current device, which holds the arrays (api.py checks they share one).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+
+from mpiring._xp import bfloat16
+from mpiring.layout import Mask, Segment
+
+__all__ = ["CudaKernelBackend", "TILES", "kernel_applies", "kernel_sources", "compile_options"]
+
+KERNEL_FILES = ("attention_fwd.cu", "attention_bwd.cu")
+KERNEL_DTYPES = {np.dtype(np.float16): "f16", np.dtype(bfloat16): "bf16"}
+
+# Tile shape per head dim.
+# fwd: (warps, 16-row blocks per warp, keys per tile); rows per block = 16·MI·warps.
+#   Two row blocks per warp reuse each K/V fragment twice (half the shared-memory
+#   traffic per MMA); BN is what fits in 255 registers without spills (ptxas -v).
+# bwd: (warps, query rows per tile); keys per block = 16·warps.
+TILES = {
+    32: {"fwd": (4, 2, 64), "bwd": (8, 64)},
+    64: {"fwd": (4, 2, 64), "bwd": (8, 64)},
+    96: {"fwd": (4, 2, 32), "bwd": (8, 64)},
+    128: {"fwd": (4, 2, 32), "bwd": (8, 64)},
+}
+NO_BOUND = 1 << 30  # kernels' "unbounded" window side; positions must stay below 2**29
+_NEG_INF = float("-inf")
+
+
+def kernel_applies(dtype, head_dim: int, mask: Mask | None = None, seqlen_global: int = 0) -> bool:
+    """True where the CUDA kernels cover the call (else the cuBLAS blockwise fallback runs)."""
+    return (
+        np.dtype(dtype) in KERNEL_DTYPES
+        and head_dim in TILES
+        and (mask is None or mask.cu_seqlens is None)  # per-document masks: issue 5
+        and seqlen_global < 2**29
+    )
+
+
+def kernel_sources() -> dict[str, str]:
+    """Every ``.cu``/``.cuh`` file of ``mpiring/kernels``, name → text."""
+    root = resources.files("mpiring") / "kernels"
+    return {p.name: p.read_text() for p in root.iterdir() if p.name.endswith((".cu", ".cuh"))}
+
+
+def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None) -> tuple[str, ...]:
+    """NVRTC options (defines) of one kernel file at one head dim."""
+    t = (tiles or TILES)[head_dim]
+    opts = [f"-DHEAD_DIM={head_dim}"]
+    if kernel_file == "attention_fwd.cu":
+        opts += [f"-DFWD_NW={t['fwd'][0]}", f"-DFWD_MI={t['fwd'][1]}", f"-DFWD_BN={t['fwd'][2]}"]
+    else:
+        opts += [f"-DBWD_NW={t['bwd'][0]}", f"-DBWD_BM={t['bwd'][1]}"]
+    return tuple(opts)
+
+
+def _inline_header(source: str, sources: dict[str, str]) -> str:
+    # The header is pasted in (not -I): NVRTC then needs no file system path,
+    # and the compile key is the text itself.
+    return source.replace('#include "common.cuh"', sources["common.cuh"])
+
+
+@functools.cache
+def _module(device_id: int, kernel_file: str, options: tuple[str, ...]):
+    import cupy
+
+    sources = kernel_sources()
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=_inline_header(sources[kernel_file], sources), options=options)
+
+
+def _kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: int, tiles=None):
+    mod = _module(device_id, kernel_file, compile_options(kernel_file, head_dim, tiles))
+    fn = mod.get_function(name)
+    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    return fn
+
+
+def _segs(segs: tuple[Segment, ...], length: int):
+    """Kernel arguments (start0, stride0, len0, start1, stride1) of one or two segments."""
+    s0 = segs[0]
+    if len(segs) == 1:
+        return (s0.start, s0.stride, length, 0, 0)
+    if len(segs) != 2:
+        raise ValueError(f"the CUDA kernels take at most 2 segments, got {len(segs)}")
+    return (s0.start, s0.stride, s0.length, segs[1].start, segs[1].stride)
+
+
+def _mask_args(mask: Mask):
+    left = NO_BOUND if mask.left is None else mask.left
+    right = NO_BOUND if mask.right_bound is None else mask.right_bound
+    null = np.uint64(0)  # per-position document ids: not yet (issue 5)
+    return (np.int32(left), np.int32(right), null, null)
+
+
+def _i32(*xs):
+    return tuple(np.int32(x) for x in xs)
+
+
+@dataclass
+class FwdState:
+    q: object  # (B, Sq, H, D) input dtype, contiguous
+    heads_kv: int
+    scale: float
+    acc: object  # (B, Sq, H, D) float32, or None for a single-step call
+    m: object  # (B, H, Sq) float32
+    l: object
+    out: object  # (B, Sq, H, D) input dtype
+    lse: object  # (B, H, Sq) float32
+    steps_done: int = 0
+    finished: bool = False
+
+
+@dataclass
+class BwdState:
+    q: object
+    dout: object
+    lse: object  # (B, H, Sq) float32
+    delta: object  # (B, H, Sq) float32
+    dq: object  # (B, Sq, H, D) float32, scale applied
+    heads_kv: int
+    scale: float
+
+
+class CudaKernelBackend:
+    """Tensor-core forward/backward kernels for float16/bfloat16 CuPy arrays.
+
+    Parameters
+    ----------
+    steps : number of ``fwd_step`` calls this ring call will make (None: unknown; the
+        state is then finalised by :meth:`fwd_end`).
+    tiles : override of :data:`TILES` (benchmarks of other tile shapes).
+    """
+
+    name = "cuda"
+
+    def __init__(self, steps: int | None = None, tiles: dict | None = None):
+        import cupy
+
+        self.xp = cupy
+        self.steps = steps
+        self.tiles = tiles
+
+    def _tiles(self, head_dim: int):
+        return (self.tiles or TILES)[head_dim]
+
+    def _launch(self, kernel_file, name, head_dim, smem, grid, block, args, like):
+        """Launch on the device of ``like`` (current stream there), compiling on first use."""
+        with like.device:
+            fn = _kernel(like.device.id, kernel_file, name, head_dim, smem, self.tiles)
+            fn(grid, block, args, shared_mem=smem)
+
+    # --- buffers ------------------------------------------------------------------------
+    def pack_kv(self, k, v):
+        """The travelling K/V buffer ``(2, B, Sk, Hkv, D)`` in the input dtype."""
+        kv = self.xp.empty((2,) + tuple(k.shape), dtype=k.dtype)
+        kv[0] = k
+        kv[1] = v
+        return kv
+
+    def record(self):
+        """An event recorded on the current stream after the work queued so far."""
+        event = self.xp.cuda.Event(block=False, disable_timing=True)
+        event.record()
+        return event
+
+    def empty_like(self, buf):
+        return self.xp.empty_like(buf)
+
+    def zeros_dkv(self, kv):
+        """dK/dV partials ``(2, B, Sk, Hkv, D)`` float32, zero."""
+        return self.xp.zeros(kv.shape, dtype=np.float32)
+
+    # --- forward ------------------------------------------------------------------------
+    def fwd_begin(self, q, heads_kv: int, scale: float) -> FwdState:
+        xp = self.xp
+        b, s, h, d = q.shape
+        single = self.steps == 1
+        return FwdState(
+            q=xp.ascontiguousarray(q), heads_kv=heads_kv, scale=scale,
+            acc=None if single else xp.empty((b, s, h, d), np.float32),
+            m=None if single else xp.empty((b, h, s), np.float32),
+            l=None if single else xp.empty((b, h, s), np.float32),
+            out=xp.empty(q.shape, q.dtype), lse=xp.empty((b, h, s), np.float32),
+        )
+
+    def fwd_step(self, st: FwdState, kv, q_segs, k_segs, mask: Mask) -> None:
+        """Continue the online softmax of the local Q against one K/V block (in place)."""
+        if st.finished:
+            raise RuntimeError("fwd_step after the step announced as last (steps hint was wrong)")
+        st.steps_done += 1
+        first = st.steps_done == 1
+        last = self.steps is not None and st.steps_done == self.steps
+        b, sq, h, d = st.q.shape
+        sk = kv.shape[2]
+        if b * h * sq * sk == 0:
+            return
+        nw, mi, bn = self._tiles(d)["fwd"]
+        bm = 16 * mi * nw
+        smem = (bm + 4 * bn) * (d + 8) * 2
+        null = np.uint64(0)
+        acc, m, l = (null, null, null) if st.acc is None else (st.acc, st.m, st.l)
+        args = (
+            (st.q, kv, acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
+            + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))
+            + _mask_args(mask) + _i32(first, last)
+        )
+        self._launch("attention_fwd.cu", f"attn_fwd_{KERNEL_DTYPES[st.q.dtype]}", d, smem, (b * h, -(-sq // bm)),
+                     (32 * nw,), args, st.q)
+        st.finished = last
+
+    def fwd_end(self, st: FwdState):
+        """``out`` (B, Sq, H, D) in the input dtype; ``lse`` (B, H, Sq) float32, natural log,
+        −inf and out = 0 on rows with no allowed key."""
+        xp = self.xp
+        if st.finished:
+            return st.out, st.lse
+        if st.steps_done == 0:
+            st.out.fill(0)
+            st.lse.fill(_NEG_INF)
+            return st.out, st.lse
+        has_keys = st.l > 0
+        safe_l = xp.where(has_keys, st.l, 1)
+        norm = (1 / safe_l).transpose(0, 2, 1)[..., None]
+        st.out[...] = (st.acc * norm).astype(st.out.dtype)
+        st.lse[...] = xp.where(has_keys, (st.m + xp.log2(safe_l)) * math.log(2), _NEG_INF)
+        return st.out, st.lse
+
+    # --- backward -----------------------------------------------------------------------
+    def bwd_begin(self, dout, q, out, lse, heads_kv: int, scale: float) -> BwdState:
+        xp = self.xp
+        b, s, h, d = q.shape
+        dout, out = xp.ascontiguousarray(dout), xp.ascontiguousarray(out)
+        delta = xp.empty((b, h, s), np.float32)
+        rows, per_block = b * s * h, 4
+        if rows:
+            self._launch("attention_bwd.cu", f"bwd_delta_{KERNEL_DTYPES[q.dtype]}", d, 0, (-(-rows // per_block),),
+                         (32 * per_block,), (dout, out, delta) + _i32(b, h, s), q)
+        return BwdState(
+            q=xp.ascontiguousarray(q), dout=dout, lse=xp.ascontiguousarray(lse, dtype=np.float32), delta=delta,
+            dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale,
+        )
+
+    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask) -> None:
+        """Add this block's dQ into the local accumulator and its dK/dV into ``dkv``."""
+        b, sq, h, d = st.q.shape
+        sk = kv.shape[2]
+        if b * h * sq * sk == 0:
+            return
+        nw, bm = self._tiles(d)["bwd"]
+        bn = 16 * nw
+        smem = (2 * bn + 4 * bm) * (d + 8) * 2 + bn * (bm + 8) * 2 + 4 * bm * 4
+        args = (
+            (st.q, kv, st.dout, st.lse, st.delta, st.dq, dkv) + _i32(b, h, st.heads_kv, sq, sk)
+            + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
+            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask)
+        )
+        self._launch("attention_bwd.cu", f"attn_bwd_{KERNEL_DTYPES[st.q.dtype]}", d, smem,
+                     (b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
+
+    def bwd_end(self, st: BwdState, dkv, kv_dtype):
+        """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""
+        dtype = st.q.dtype
+        return st.dq.astype(dtype), dkv[0].astype(kv_dtype), dkv[1].astype(kv_dtype)

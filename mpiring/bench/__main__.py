@@ -1,0 +1,5 @@
+import sys
+
+from mpiring.bench import main
+
+sys.exit(main())

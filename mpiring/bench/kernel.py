@@ -1,0 +1,178 @@
+"""``python -m mpiring.bench kernel``: the CUDA kernels on one GPU beside torch SDPA.
+
+For each dtype × head dim × seqlen × causal: check the kernel's output against
+torch's (and, once per dtype and head dim, a small case against the float64
+oracle), then time forward and forward+backward through the public
+``ring_attention`` / ``ring_attention_backward`` at one rank (``MPI.COMM_SELF``),
+and torch ``scaled_dot_product_attention`` with the FLASH and cuDNN backends in the
+same process. torch is optional: without it the peer columns are left out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mpiring.bench.common import attention_flops, card_name, command_line, make_row, time_cuda, today, write_rows
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dtypes", default="bf16,fp16")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--seqlens", default="4096,16384,65536")
+    p.add_argument("--causal", default="0,1", help="comma list of 0/1")
+    p.add_argument("--hidden", type=int, default=2048, help="heads = hidden / head_dim")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--passes", default="fwd,fwd+bwd")
+    p.add_argument("--iters", type=int, default=0, help="timed runs (0: by size)")
+    p.add_argument("--no-peers", action="store_true", help="skip torch even if installed")
+    p.add_argument("--out", default=None, help="JSON results path (default bench/results/kernel-<card>-<date>.json)")
+
+
+def _np_dtype(name):
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if name == "bf16" else np.dtype(np.float16)
+
+
+def _torch_peers():
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return None
+    return torch, SDPBackend, sdpa_kernel
+
+
+def _oracle_check(dtype, head_dim) -> float:
+    """Worst relative error of out/dq/dk/dv against the float64 oracle on a small causal GQA case."""
+    import cupy
+    from mpi4py import MPI
+
+    import mpiring
+
+    rng = np.random.default_rng(0)
+    shapes = [(1, 333, 4, head_dim), (1, 333, 2, head_dim), (1, 333, 2, head_dim), (1, 333, 4, head_dim)]
+    q, k, v, do = (rng.standard_normal(s).astype(dtype) for s in shapes)
+    out, lse = mpiring.ring_attention(*(cupy.asarray(x) for x in (q, k, v)), MPI.COMM_SELF, causal=True)
+    grads = mpiring.ring_attention_backward(*(cupy.asarray(x) for x in (do, q, k, v)), out, lse, MPI.COMM_SELF,
+                                            causal=True)
+    refs = [mpiring.attention_reference(q, k, v, causal=True)[0],
+            *mpiring.attention_reference_backward(do, q, k, v, causal=True)]
+    errs = []
+    for x, r in zip([out, *grads], refs):
+        x = x.get().astype(np.float64)
+        if not np.all(np.isfinite(x)):
+            return float("inf")
+        errs.append(np.linalg.norm(x - r) / np.linalg.norm(r))
+    return max(errs)
+
+
+def run(args) -> int:
+    import cupy
+    from mpi4py import MPI
+
+    import mpiring
+
+    comm = MPI.COMM_SELF
+    peers = None if args.no_peers else _torch_peers()
+    card = card_name()
+    rows, table = [], []
+    print(f"# {card}; peers: {'torch ' + peers[0].__version__ if peers else 'none'}", flush=True)
+    for dname in args.dtypes.split(","):
+        dtype = _np_dtype(dname)
+        for head_dim in (int(x) for x in args.head_dims.split(",")):
+            err = _oracle_check(dtype, head_dim)
+            tol = 2e-2 if dname == "bf16" else 4e-3
+            print(f"# oracle check {dname} d{head_dim}: max rel err {err:.2e}", flush=True)
+            if not err < tol:
+                raise SystemExit(f"kernel disagrees with the float64 oracle: {err:.3e} >= {tol}")
+            heads = args.hidden // head_dim
+            for seqlen in (int(x) for x in args.seqlens.split(",")):
+                shape = (args.batch, seqlen, heads, head_dim)
+                rng = cupy.random.default_rng(seqlen)
+                q, k, v, do = (rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(4))
+                for causal in (bool(int(c)) for c in args.causal.split(",")):
+                    rows += _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table)
+    path = args.out or f"bench/results/kernel-{card.replace(' ', '_')}-{today()}.json"
+    write_rows(path, rows)
+    print(f"# wrote {len(rows)} rows to {path}")
+    print(f"{'dtype':5} {'d':>4} {'seqlen':>6} {'causal':>6} {'pass':>7} {'TF/s':>7} {'FLASH':>7} {'ratio':>6}"
+          f" {'cuDNN':>7}")
+    for line in table:
+        print(line)
+    return 0
+
+
+def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
+    b, s, h, d = q.shape
+    flops = {p: attention_flops(b, s, s, h, d, causal=causal, mode=p) for p in ("fwd", "fwd+bwd")}
+    iters = args.iters or max(3, min(20, int(2e14 / flops["fwd"])))
+
+    def fwd():
+        return mpiring.ring_attention(q, k, v, comm, causal=causal)
+
+    def fwd_bwd():
+        out, lse = fwd()
+        return mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=causal)
+
+    ours = {"fwd": time_cuda(fwd, iters=iters), "fwd+bwd": time_cuda(fwd_bwd, iters=iters)}
+    peer_t = {}
+    if peers is not None:
+        peer_t = _time_peers(peers, q, k, v, do, causal, iters, fwd()[0])
+    rows = []
+    for p in args.passes.split(","):
+        tf = flops[p] / ours[p] / 1e12
+        row = make_row(
+            bench="kernel", card=card, date=today(), command=command_line(), dtype=dname, heads=h, heads_kv=h,
+            head_dim=d, seqlen=s, batch=b, n_gpus=1, causal=causal, layout="contiguous", transport=None, **{"pass": p},
+            tflops_per_gpu=round(tf, 1), seconds=ours[p],
+        )
+        cells = {}
+        for name, times in peer_t.items():
+            cells[name] = flops[p] / times[p] / 1e12
+        if "torch-sdpa-flash" in cells:
+            row.update(peer="torch-sdpa-flash", peer_tflops_per_gpu=round(cells["torch-sdpa-flash"], 1),
+                       ratio=round(tf / cells["torch-sdpa-flash"], 3))
+        if "torch-sdpa-cudnn" in cells:
+            row["cudnn_tflops_per_gpu"] = round(cells["torch-sdpa-cudnn"], 1)
+        rows.append(row)
+        fl, cu = cells.get("torch-sdpa-flash"), cells.get("torch-sdpa-cudnn")
+        line = (f"{dname:5} {d:4d} {s:6d} {int(causal):6d} {p:>7} {tf:7.1f} "
+                f"{fl if fl else float('nan'):7.1f} {tf / fl if fl else float('nan'):6.2f} "
+                f"{cu if cu else float('nan'):7.1f}")
+        table.append(line)
+        print(line, flush=True)
+    return rows
+
+
+def _time_peers(peers, q, k, v, do, causal, iters, our_out):
+    """torch SDPA (FLASH, cuDNN) times on the same inputs: {name: {pass: seconds}}."""
+    torch, SDPBackend, sdpa_kernel = peers
+    import cupy
+
+    tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v, do))  # (B, H, S, D) views
+    tq, tk, tv = (x.detach().requires_grad_(True) for x in (tq, tk, tv))
+    result = {}
+    for name, backend in (("torch-sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                          ("torch-sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                def fwd():
+                    with torch.no_grad():
+                        return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+                def fwd_bwd():
+                    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                    out.backward(tdo)
+
+                ref = cupy.from_dlpack(fwd().transpose(1, 2).contiguous())
+                diff = float(cupy.linalg.norm((ref.astype(np.float32) - our_out.astype(np.float32)).ravel()))
+                rel = diff / float(cupy.linalg.norm(ref.astype(np.float32).ravel()))
+                if not rel < 2e-2:
+                    raise SystemExit(f"kernel output differs from {name}: relative {rel:.3e}")
+                result[name] = {"fwd": time_cuda(fwd, iters=iters), "fwd+bwd": time_cuda(fwd_bwd, iters=iters)}
+        except RuntimeError as exc:  # backend not available on this card/build
+            print(f"# {name} unavailable: {str(exc).splitlines()[0]}")
+    return result

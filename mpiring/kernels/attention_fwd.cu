@@ -1,0 +1,267 @@
+// Blockwise attention forward: continues the online softmax of the local Q
+// against one K/V block in place (DESIGN.md §3), FlashAttention-2 style.
+//
+// Layouts (all contiguous):
+//   q, out   (B, Sq, H, D)            input dtype
+//   kv       (2, B, Sk, Hkv, D)       input dtype (the travelling buffer: K then V)
+//   acc      (B, Sq, H, D)  fp32      unnormalised output
+//   m, l     (B, H, Sq)     fp32      running max (log2 units, scale folded in) and sum
+//   lse      (B, H, Sq)     fp32      natural log, −inf on rows with no allowed key
+// `first`: acc/m/l hold nothing yet (not read); `last`: write out and lse instead of acc/m/l.
+//
+// One block: BM = 16·MI·NW query rows of one (batch, head); each warp owns 16·MI
+// rows and sweeps the K/V tiles of BN keys that have work, with the next tile's
+// cp.async copy in flight while the current one is computed (two stages).
+#include "common.cuh"
+
+#ifndef HEAD_DIM
+#define HEAD_DIM 128
+#endif
+
+// Tile shape (the launcher passes -D options from its per-head-dim table; these
+// defaults let the file compile alone): NW warps, each owning FWD_MI blocks of 16
+// query rows, and FWD_BN keys per K/V tile.
+#ifndef FWD_NW
+#define FWD_NW 4
+#endif
+#ifndef FWD_MI
+#define FWD_MI 2
+#endif
+#ifndef FWD_BN
+#define FWD_BN 64
+#endif
+
+template <typename T, int D, int MI, int NW, int BN>
+__device__ __forceinline__ void attn_fwd_body(
+    const u16* __restrict__ q, const u16* __restrict__ kv, float* __restrict__ acc, float* __restrict__ m_state,
+    float* __restrict__ l_state, u16* __restrict__ out, float* __restrict__ lse, int B, int H, int Hkv, int Sq,
+    int Sk, float scale_log2, Segs qs, Segs ks, MaskInfo mask, int first, int last) {
+  const int BM = 16 * MI * NW, NT = 32 * NW, LD = D + 8;
+  extern __shared__ uint4 smem_u4[];
+  u16* sQ = reinterpret_cast<u16*>(smem_u4);
+  u16* sK = sQ + BM * LD;  // [2][BN][LD]
+  u16* sV = sK + 2 * BN * LD;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
+  // Heaviest (last, under causal) query tiles first, across all heads.
+  const int i0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
+  const u16* gq = q + ((long long)b * Sq * H + h) * D;
+  const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
+  const u16* gv = gk + (long long)B * Sk * Hkv * D;
+
+  int qlo, qhi;
+  qs.range(i0, min(i0 + BM, Sq), qlo, qhi);
+  const int nkt = (Sk + BN - 1) / BN;
+  auto tile_class = [&](int t) {
+    int klo, khi;
+    ks.range(t * BN, min(t * BN + BN, Sk), klo, khi);
+    const int c = mask.classify(qlo, qhi, klo, khi);
+    return (c == 1 && t * BN + BN > Sk) ? 2 : c;  // the ragged last tile masks its padding
+  };
+  auto next_tile = [&](int t) {
+    while (t < nkt && tile_class(t) == 0) ++t;
+    return t;
+  };
+
+  int t = next_tile(0);
+  if (t >= nkt && !first && !last) return;  // nothing to add, state unchanged
+
+  // Per thread: rows r(mi, hr) = warp·16·MI + mi·16 + lane/4 + 8·hr; columns n·8 + 2·(lane%4) + {0,1}.
+  float o[MI][D / 8][4];
+  float m_r[MI][2], l_r[MI][2];
+  const int row_base = warp * 16 * MI;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
+      const bool in = i < Sq && !first;
+      const long long srow = ((long long)b * H + h) * Sq + i;
+      m_r[mi][hr] = in ? m_state[srow] : MASKED;
+      // l is kept as per-thread partial sums (reduced over the quad at the end).
+      l_r[mi][hr] = (in && lane % 4 == 0) ? l_state[srow] : 0.f;
+      const float* arow = acc + ((long long)b * Sq + i) * q_stride + h * D;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        float2 v = make_float2(0.f, 0.f);
+        if (in) v = *reinterpret_cast<const float2*>(arow + n * 8 + 2 * (lane % 4));
+        o[mi][n][2 * hr] = v.x;
+        o[mi][n][2 * hr + 1] = v.y;
+      }
+    }
+
+  if (t < nkt) {
+    load_rows<BM, D, NT>(sQ, gq, q_stride, i0, Sq);
+    load_rows<BN, D, NT>(sK, gk, k_stride, t * BN, Sk);
+    load_rows<BN, D, NT>(sV, gv, k_stride, t * BN, Sk);
+    cp_async_commit();
+  }
+  // ldmatrix base addresses (bytes); the loops add compile-time offsets.
+  const u32 qa = smem_addr(sQ) + 2 * (row_base * LD + lds_a<LD>(lane));
+  const u32 ka = smem_addr(sK) + 2 * lds_b<LD>(lane);
+  const u32 va = smem_addr(sV) + 2 * lds_bt<LD>(lane);
+  int stage = 0;
+  while (t < nkt) {
+    const int tn = next_tile(t + 1);
+    if (tn < nkt) {  // prefetch the next tile into the other stage
+      load_rows<BN, D, NT>(sK + (stage ^ 1) * BN * LD, gk, k_stride, tn * BN, Sk);
+      load_rows<BN, D, NT>(sV + (stage ^ 1) * BN * LD, gv, k_stride, tn * BN, Sk);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const u32 kst = ka + stage * (2 * BN * LD), vst = va + stage * (2 * BN * LD);
+
+    // S = Q·Kᵀ
+    float s[MI][BN / 8][4];
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) s[mi][n][0] = s[mi][n][1] = s[mi][n][2] = s[mi][n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 a[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) ldsm_x4(a[mi], qa + 2 * (mi * 16 * LD + kk * 16));
+#pragma unroll
+      for (int nb = 0; nb < BN / 16; ++nb) {
+        u32 bk[4];
+        ldsm_x4(bk, kst + 2 * (nb * 16 * LD + kk * 16));
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          Ops<T>::mma(s[mi][2 * nb], a[mi], bk[0], bk[1]);
+          Ops<T>::mma(s[mi][2 * nb + 1], a[mi], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Scale into log2 units; mask on global positions where the tile is mixed.
+    const bool mixed = tile_class(t) == 2;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
+        const int qp = mixed ? qs.pos(min(i, Sq - 1)) : 0;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float& x = s[mi][n][2 * hr + e];
+            x *= scale_log2;
+            if (mixed) {
+              const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
+              if (j >= Sk || !mask.allowed(qp, ks.pos(j), min(i, Sq - 1), j)) x = MASKED;
+            }
+          }
+      }
+
+    // Online softmax: new running max, rescale the accumulators, P = 2^(S − max).
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+      for (int hr = 0; hr < 2; ++hr) {
+        float mx = m_r[mi][hr];
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * hr], s[mi][n][2 * hr + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // A row with no allowed key so far keeps max = MASKED: shift by 0 so that its p = 2^MASKED = 0.
+        const float shift = mx == MASKED ? 0.f : mx;
+        const float alpha = ex2(m_r[mi][hr] - shift);
+        m_r[mi][hr] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = ex2(s[mi][n][2 * hr + e] - shift);
+            s[mi][n][2 * hr + e] = p;
+            sum += p;
+          }
+        l_r[mi][hr] = l_r[mi][hr] * alpha + sum;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+          o[mi][n][2 * hr] *= alpha;
+          o[mi][n][2 * hr + 1] *= alpha;
+        }
+      }
+
+    // O += P·V, P rounded to the input dtype (register C fragments become A fragments).
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      u32 pa[MI][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+        pa[mi][0] = Ops<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+        pa[mi][1] = Ops<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+        pa[mi][2] = Ops<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+        pa[mi][3] = Ops<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int nd = 0; nd < D / 16; ++nd) {
+        u32 bv[4];
+        ldsm_x4_t(bv, vst + 2 * (kk * 16 * LD + nd * 16));
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          Ops<T>::mma(o[mi][2 * nd], pa[mi], bv[0], bv[1]);
+          Ops<T>::mma(o[mi][2 * nd + 1], pa[mi], bv[2], bv[3]);
+        }
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    stage ^= 1;
+    t = tn;
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: out/lse on the last step, else the running state.
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float l = l_r[mi][hr];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
+      if (i >= Sq) continue;
+      const long long srow = ((long long)b * H + h) * Sq + i;
+      const long long orow = ((long long)b * Sq + i) * q_stride + h * D;
+      if (last) {
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        if (lane % 4 == 0) lse[srow] = l > 0.f ? (m_r[mi][hr] + __log2f(l)) * LN2 : -__int_as_float(0x7f800000);
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+          *reinterpret_cast<u32*>(out + orow + n * 8 + 2 * (lane % 4)) =
+              Ops<T>::pack(o[mi][n][2 * hr] * inv, o[mi][n][2 * hr + 1] * inv);
+      } else {
+        if (lane % 4 == 0) {
+          m_state[srow] = m_r[mi][hr];
+          l_state[srow] = l;
+        }
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+          *reinterpret_cast<float2*>(acc + orow + n * 8 + 2 * (lane % 4)) =
+              make_float2(o[mi][n][2 * hr], o[mi][n][2 * hr + 1]);
+      }
+    }
+}
+
+#define FWD_ENTRY(NAME, T)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(32 * FWD_NW) NAME(                                              \
+      const u16* q, const u16* kv, float* acc, float* m_state, float* l_state, u16* out, float* lse, int B,      \
+      int H, int Hkv, int Sq, int Sk, float scale_log2, int q_start0, int q_stride0, int q_len0, int q_start1, \
+      int q_stride1, int k_start0, int k_stride0, int k_len0, int k_start1, int k_stride1, int left, int right, \
+      const int* q_doc, const int* k_doc, int first, int last) {                                               \
+    Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                              \
+    Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                              \
+    MaskInfo mask = {left, right, q_doc, k_doc};                                                               \
+    attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN>(q, kv, acc, m_state, l_state, out, lse, B, H, Hkv, Sq,  \
+                                                       Sk, scale_log2, qs, ks, mask, first, last);            \
+  }
+
+FWD_ENTRY(attn_fwd_bf16, bf16_t)
+FWD_ENTRY(attn_fwd_f16, f16_t)
+

@@ -1,0 +1,167 @@
+// Shared helpers of the attention kernels: storage types, tensor-core MMA,
+// ldmatrix / cp.async wrappers and masks on global token positions.
+//
+// No CUDA header is included on purpose: bf16/fp16 conversions are one PTX
+// instruction each, so the kernels compile with a bare NVRTC (CI installs only
+// the NVRTC wheel) and under CuPy whatever CUDA headers it ships.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+// Storage tags: the kernels move raw 16-bit words and convert in registers.
+struct bf16_t { u16 bits; };
+struct f16_t { u16 bits; };
+
+template <typename T> struct Ops;
+
+template <> struct Ops<bf16_t> {
+  // Two fp32 -> one register of two bf16, `lo` in the low half (the element with the lower index).
+  __device__ __forceinline__ static u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  __device__ __forceinline__ static float to_float(u16 x) { return __uint_as_float(((u32)x) << 16); }
+  // c += a·b on tensor cores, 16×8×16, fp32 accumulation.
+  __device__ __forceinline__ static void mma(float c[4], const u32 a[4], const u32 b0, const u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <> struct Ops<f16_t> {
+  __device__ __forceinline__ static u32 pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+  __device__ __forceinline__ static float to_float(u16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+  }
+  __device__ __forceinline__ static void mma(float c[4], const u32 a[4], const u32 b0, const u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// A large finite negative for masked scores (DESIGN.md §3: no −inf arithmetic).
+#define MASKED (-1.0e30f)
+// "No bound" for the window's left/right: positions stay below 2^30, so q ± NO_BOUND never overflows.
+#define NO_BOUND (1 << 30)
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+
+// ldmatrix: lanes 8i..8i+7 give the row addresses of 8×8 matrix i (16 B each).
+// Addresses are shared-window byte addresses (u32): a per-thread base plus
+// compile-time offsets, so the unrolled loops need no address registers.
+__device__ __forceinline__ void ldsm_x4(u32 r[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 r[4], u32 addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+// Per-lane element offsets (in a tile of pitch LD) for ldmatrix.x4 fragments:
+// A operand (16×16, row-major rows m, cols k): lanes 0-15 rows, lanes 16-31 the +8 columns.
+template <int LD> __device__ __forceinline__ int lds_a(int lane) { return (lane & 15) * LD + (lane >> 4) * 8; }
+// B operand from rows n, cols k (two n8 blocks × k16): matrices (n,k) (n,k+8) (n+8,k) (n+8,k+8).
+template <int LD> __device__ __forceinline__ int lds_b(int lane) {
+  return ((lane >> 4) * 8 + (lane & 7)) * LD + ((lane >> 3) & 1) * 8;
+}
+// B operand from rows k, cols n, transposed (k16 × two n8 blocks): (k,n) (k+8,n) (k,n+8) (k+8,n+8).
+template <int LD> __device__ __forceinline__ int lds_bt(int lane) {
+  return (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
+}
+
+// 16-byte asynchronous global -> shared copy; `valid == false` writes zeros (no read).
+__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Shared-memory row pitch: D + 8 elements shifts consecutive rows by 16 bytes, so
+// the 8 rows of an ldmatrix (and of a cp.async wave) hit 8 different 16-byte bank groups.
+template <int D> struct Pitch { static const int value = D + 8; };
+
+// Copy `ROWS` rows of D elements (row `row0 + r` at g + (row0 + r)·stride) into s
+// (pitch D + 8); rows at or past `nrows` are zero-filled so that they never make NaN.
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride, int row0, int nrows) {
+  const int C = D / 8;
+#pragma unroll
+  for (int k = 0; k < (ROWS * C + NT - 1) / NT; ++k) {
+    const int idx = threadIdx.x + k * NT;
+    if (ROWS * C % NT == 0 || idx < ROWS * C) {
+      const int r = idx / C, c = idx % C;
+      const bool ok = row0 + r < nrows;
+      cp_async16(s + r * (D + 8) + c * 8, ok ? g + (row0 + r) * stride + c * 8 : g, ok);
+    }
+  }
+}
+
+// Global positions of a block's local rows: up to two arithmetic segments
+// (contiguous and striped: one; zigzag: two). Rows i < len0 are at start0 + stride0·i,
+// the others at start1 + stride1·(i − len0).
+struct Segs {
+  int start0, stride0, len0, start1, stride1;
+  __device__ __forceinline__ int pos(int i) const {
+    return i < len0 ? start0 + stride0 * i : start1 + stride1 * (i - len0);
+  }
+  // Smallest and largest position of rows [i0, i1): each segment increases.
+  __device__ __forceinline__ void range(int i0, int i1, int& lo, int& hi) const {
+    if (i1 <= len0 || i0 >= len0) {
+      lo = pos(i0);
+      hi = pos(i1 - 1);
+    } else {
+      lo = min(pos(i0), start1);
+      hi = max(pos(len0 - 1), pos(i1 - 1));
+    }
+  }
+};
+
+// The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
+// causal is right = 0). `q_doc`/`k_doc` (nullable, per local row) are reserved for
+// per-document masks: when set, only equal document ids attend.
+struct MaskInfo {
+  int left, right;
+  const int* q_doc;
+  const int* k_doc;
+  __device__ __forceinline__ bool allowed(int qp, int kp, int i, int j) const {
+    const int d = qp - kp;
+    return d <= left && -d <= right && (q_doc == 0 || q_doc[i] == k_doc[j]);
+  }
+  // Tile class from the positions' ranges: 0 no pair allowed, 1 every pair allowed, 2 mixed.
+  __device__ __forceinline__ int classify(int qlo, int qhi, int klo, int khi) const {
+    if (klo > qhi + right || khi < qlo - left) return 0;
+    const bool full = khi <= qlo + right && klo >= qhi - left && q_doc == 0;
+    return full ? 1 : 2;
+  }
+};

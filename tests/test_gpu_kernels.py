@@ -1,0 +1,206 @@
+"""The CUDA kernel backend against the float64 oracle (skipped without a GPU).
+
+The ring is emulated in one process: for each of ``size`` virtual ranks, the
+backend runs every ring step on the K/V block that rank would hold, with that
+block's global-position segments, and dK/dV partials are summed per owning
+block in fp32 as they would be while travelling. So zigzag (two segments) and
+striped (stride N) masks run through the kernels without MPI; the public
+``ring_attention`` on CuPy arrays is checked at ``-n 1`` on top.
+"""
+
+import numpy as np
+import pytest
+from helpers import LOW_PRECISION, assert_close, dense_same_precision, random_problem, rel_err
+from ml_dtypes import bfloat16
+from mpi4py import MPI
+
+import mpiring
+from mpiring import layout as L
+
+cupy = pytest.importorskip("cupy")
+if not cupy.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+
+from mpiring.backends import backend_for  # noqa: E402
+from mpiring.backends.cupy_ import TILES, CudaKernelBackend  # noqa: E402
+
+pytestmark = [pytest.mark.serial, pytest.mark.gpu]
+DTYPES = (np.float16, bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def poison_pool():
+    """Fill free pool memory with NaN, so any output element a kernel fails to write stays NaN."""
+    junk = cupy.full(1 << 26, np.nan, dtype=np.float32)
+    del junk
+    yield
+
+
+def _emulated_ring(q, k, v, dout, *, size, layout, mask, scale):
+    """Per-rank out, lse, dq and per-owner dk, dv (host arrays, rank order)."""
+    seqlen_local = q.shape[1] // size
+    pos = [L.positions(layout, r, size, seqlen_local) for r in range(size)]
+    segs = [L.segments(layout, r, size, seqlen_local) for r in range(size)]
+    dev = lambda x, r: cupy.asarray(np.ascontiguousarray(x[:, pos[r]]))  # noqa: E731
+    heads_kv = k.shape[2]
+    kv = [CudaKernelBackend().pack_kv(dev(k, r), dev(v, r)) for r in range(size)]
+    dkv = [cupy.zeros(kv[0].shape, np.float32) for _ in range(size)]
+    results = []
+    for r in range(size):
+        active = L.step_schedule(layout, r, size, seqlen_local, seqlen_local, mask)
+        be = CudaKernelBackend(steps=sum(active))
+        qr = dev(q, r)
+        st = be.fwd_begin(qr, heads_kv, scale)
+        for s in range(size):
+            if active[s]:
+                be.fwd_step(st, kv[(r - s) % size], segs[r], segs[(r - s) % size], mask)
+        out, lse = be.fwd_end(st)
+        bst = be.bwd_begin(dev(dout, r), qr, out, lse, heads_kv, scale)
+        for s in range(size):
+            if active[s]:
+                be.bwd_step(bst, kv[(r - s) % size], dkv[(r - s) % size], segs[r], segs[(r - s) % size], mask)
+        dq, _, _ = be.bwd_end(bst, dkv[r], k.dtype)
+        results.append((out.get(), lse.get(), dq.get()))
+    dk = [dkv[r][0].astype(k.dtype).get() for r in range(size)]
+    dv = [dkv[r][1].astype(k.dtype).get() for r in range(size)]
+    return pos, results, dk, dv
+
+
+def _check(seed, *, size, seqlen_local, heads, heads_kv, head_dim, dtype, layout, causal=False, window=None,
+           batch=1):
+    q, k, v, dout = random_problem(seed, batch, seqlen_local * size, heads, heads_kv, head_dim, dtype)
+    opts = {"causal": causal, "window": window}
+    out_ref, lse_ref = mpiring.attention_reference(q, k, v, **opts)
+    grads_ref = mpiring.attention_reference_backward(dout, q, k, v, **opts)
+    lowp = dense_same_precision(q, k, v, dout, dtype, **opts)
+    mask = L.make_mask(causal, window)
+    pos, results, dk, dv = _emulated_ring(q, k, v, dout, size=size, layout=layout, mask=mask,
+                                          scale=1 / np.sqrt(head_dim))
+    cat = lambda xs, axis=1: np.concatenate(xs, axis=axis)  # noqa: E731
+    order = np.concatenate(pos)
+    got = {"out": cat([r[0] for r in results]), "dq": cat([r[2] for r in results]), "dk": cat(dk), "dv": cat(dv)}
+    refs = {"out": (out_ref, lowp[0]), "dq": (grads_ref[0], lowp[1]), "dk": (grads_ref[1], lowp[2]),
+            "dv": (grads_ref[2], lowp[3])}
+    for name, x in got.items():
+        assert x.dtype == np.dtype(dtype)
+        ref, ref_lp = refs[name]
+        assert_close(name, x, ref[:, order], dtype, ref_lp[:, order])
+    np.testing.assert_allclose(cat([r[1] for r in results], axis=2), lse_ref[:, :, order], rtol=0, atol=1e-4)
+
+
+MASKS = [(False, None), (True, None), (False, (37, 20)), (True, 50)]
+
+
+@pytest.mark.parametrize("head_dim", sorted(TILES))
+@pytest.mark.parametrize("heads,heads_kv", [(2, 2), (4, 1)])
+@pytest.mark.parametrize("causal,window", MASKS)
+@pytest.mark.parametrize("layout", L.LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_match_oracle(seed, dtype, layout, causal, window, heads, heads_kv, head_dim):
+    # 3 virtual ranks; 98 tokens each (even, for zigzag; not a multiple of any tile).
+    _check(seed, size=3, seqlen_local=98, heads=heads, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype,
+           layout=layout, causal=causal, window=window)
+
+
+@pytest.mark.parametrize("causal,window", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_many_tiles(seed, dtype, causal, window, head_dim):
+    """Lengths spanning many tiles (pipelining, skipped tiles) and batch > 1."""
+    _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=head_dim, dtype=dtype,
+           layout="zigzag", causal=causal, window=window, batch=2)
+
+
+def _dense(q, k, v, dout, allowed, scale):
+    """float64 dense attention with an explicit mask: out, lse, dq, dk, dv (no GQA)."""
+    q, k, v, dout = (x.astype(np.float64) for x in (q, k, v, dout))
+    s = np.where(allowed, np.einsum("bqhd,bkhd->bhqk", q, k) * scale, -np.inf)
+    m = s.max(-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    e = np.exp(s - m)
+    den = e.sum(-1, keepdims=True)
+    p = np.where(den > 0, e / np.where(den > 0, den, 1), 0)
+    out = np.einsum("bhqk,bkhd->bqhd", p, v)
+    lse = np.where(den[..., 0] > 0, np.log(np.where(den[..., 0] > 0, den[..., 0], 1)) + m[..., 0], -np.inf)
+    dp = np.einsum("bqhd,bkhd->bhqk", dout, v)
+    ds = p * (dp - np.einsum("bqhd,bqhd->bhq", dout, out)[..., None])
+    return out, lse, np.einsum("bhqk,bkhd->bqhd", ds, k) * scale, np.einsum("bhqk,bqhd->bkhd", ds, q) * scale, \
+        np.einsum("bhqk,bqhd->bkhd", p, dout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fully_masked_rows(seed, dtype, head_dim):
+    """Rows with no allowed key (inside mixed tiles and in skipped tiles): out 0, lse −inf, no NaN."""
+    sq = sk = 150
+    q, k, v, dout = random_problem(seed, 1, sq, 2, 2, head_dim, dtype)
+    q_segs, k_segs = (L.Segment(0, 1, sq),), (L.Segment(70, 1, sk),)  # causal: rows 0..69 see nothing
+    mask = L.make_mask(True, None)
+    allowed = mask.allowed(np.arange(sq), np.arange(70, 70 + sk))
+    scale = 1 / np.sqrt(head_dim)
+    ref = _dense(q, k, v, dout, allowed, scale)
+    be = CudaKernelBackend(steps=1)
+    kv = be.pack_kv(cupy.asarray(k), cupy.asarray(v))
+    st = be.fwd_begin(cupy.asarray(q), 2, scale)
+    be.fwd_step(st, kv, q_segs, k_segs, mask)
+    out, lse = (x.get() for x in be.fwd_end(st))
+    assert np.all(out[:, :70] == 0) and np.all(lse[:, :, :70] == -np.inf)
+    assert rel_err(out, ref[0]) < 2e-2
+    np.testing.assert_allclose(lse, ref[1], rtol=0, atol=1e-4)
+    dkv = be.zeros_dkv(kv)
+    bst = be.bwd_begin(cupy.asarray(dout), cupy.asarray(q), cupy.asarray(out), cupy.asarray(lse), 2, scale)
+    be.bwd_step(bst, kv, dkv, q_segs, k_segs, mask)
+    dq, dk, dv = (x.get() for x in be.bwd_end(bst, dkv, k.dtype))
+    for name, x, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[2:]):
+        assert np.all(np.isfinite(x.astype(np.float32))), name
+        assert rel_err(x, r) < 3e-2, name
+
+
+def test_unknown_step_count_finalises_from_state(seed):
+    """Without a steps hint the state stays fp32 and fwd_end normalises it."""
+    q, k, v, _ = random_problem(seed, 1, 200, 2, 1, 64, bfloat16)
+    mask = L.make_mask(True, None)
+    segs = (L.Segment(0, 1, 200),)
+    results = []
+    for steps in (None, 1):
+        be = CudaKernelBackend(steps=steps)
+        st = be.fwd_begin(cupy.asarray(q), 1, 0.125)
+        be.fwd_step(st, be.pack_kv(cupy.asarray(k), cupy.asarray(v)), segs, segs, mask)
+        results.append([x.get() for x in be.fwd_end(st)])
+    assert rel_err(results[0][0], results[1][0]) < 1e-2
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,head_dim,kernel", [
+    (bfloat16, 128, True), (np.float16, 64, True), (np.float32, 64, False), (bfloat16, 256, False),
+])
+def test_public_api_one_gpu(seed, dtype, head_dim, kernel):
+    """ring_attention on CuPy arrays at -n 1: kernels where they apply, the cuBLAS fallback elsewhere."""
+    comm = MPI.COMM_SELF
+    be = backend_for(cupy, dtype=np.dtype(dtype), head_dim=head_dim, mask=L.make_mask(True), steps=1)
+    assert isinstance(be, CudaKernelBackend) == kernel
+    q, k, v, dout = random_problem(seed, 2, 1025, 4, 2, head_dim, dtype)
+    opts = {"causal": True}
+    out_ref, lse_ref = mpiring.attention_reference(q, k, v, **opts)
+    grads_ref = mpiring.attention_reference_backward(dout, q, k, v, **opts)
+    lowp = dense_same_precision(q, k, v, dout, dtype, **opts) if np.dtype(dtype) in LOW_PRECISION else [None] * 4
+    dq_, dk_, dv_, ddo = (cupy.asarray(x) for x in (q, k, v, dout))
+    out, lse = mpiring.ring_attention(dq_, dk_, dv_, comm, **opts)
+    assert isinstance(out, cupy.ndarray) and out.dtype == np.dtype(dtype)
+    grads = mpiring.ring_attention_backward(ddo, dq_, dk_, dv_, out, lse, comm, **opts)
+    assert_close("out", out.get(), out_ref, dtype, lowp[0])
+    np.testing.assert_allclose(lse.get(), lse_ref, rtol=0, atol=1e-4)
+    for name, g, r, r_lp in zip(("dq", "dk", "dv"), grads, grads_ref, lowp[1:]):
+        assert isinstance(g, cupy.ndarray)
+        assert_close(name, g.get(), r, dtype, r_lp)
+
+
+def test_record_is_an_event_on_the_current_stream():
+    be = CudaKernelBackend()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        kv = be.pack_kv(cupy.ones((1, 8, 1, 64), np.float16), cupy.ones((1, 8, 1, 64), np.float16))
+        event = be.record()
+    assert isinstance(event, cupy.cuda.Event)
+    event.synchronize()
+    assert event.done and float(kv.sum()) == 2 * 8 * 64

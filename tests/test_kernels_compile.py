@@ -1,0 +1,67 @@
+"""Every CUDA kernel compiles with NVRTC for sm_80 and sm_90, without a GPU.
+
+CI installs ``.[kernels-check]`` (the NVRTC wheel and cuda-pathfinder to find it);
+the kernels include no CUDA header, so NVRTC alone is enough. The options are the
+launcher's own (:func:`mpiring.backends.cupy_.compile_options`), so what compiles
+here is what CuPy compiles on the GPU.
+"""
+
+import ctypes
+
+import pytest
+
+from mpiring.backends import cupy_
+
+pytestmark = pytest.mark.serial
+
+
+@pytest.fixture(scope="module")
+def nvrtc():
+    pathfinder = pytest.importorskip("cuda.pathfinder", reason="pip install '.[kernels-check]'")
+    try:
+        lib = ctypes.CDLL(pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path)
+    except Exception as exc:  # noqa: BLE001 - any loader failure means: not installed
+        pytest.skip(f"NVRTC not found ({exc}); pip install '.[kernels-check]'")
+    lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+def _compile(lib, name: str, code: str, options: list[str]) -> tuple[int, str]:
+    """NVRTC result code and log of one compilation."""
+    prog = ctypes.c_void_p()
+    rc = lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), name.encode(), 0, None, None)
+    assert rc == 0, lib.nvrtcGetErrorString(rc)
+    opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+    rc = lib.nvrtcCompileProgram(prog, len(options), opts)
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return rc, log.value.decode(errors="replace")
+
+
+def test_every_kernel_file_is_built():
+    names = set(cupy_.kernel_sources())
+    assert set(cupy_.KERNEL_FILES) <= names
+    assert {n for n in names if n.endswith(".cu")} == set(cupy_.KERNEL_FILES), "a .cu file no launcher builds"
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("head_dim", sorted(cupy_.TILES))
+@pytest.mark.parametrize("kernel_file", cupy_.KERNEL_FILES)
+def test_nvrtc_compiles(nvrtc, kernel_file, head_dim, arch):
+    if arch == "sm_80" and head_dim not in (64, 128):
+        pytest.skip("sm_80 checked at the main head dims (CI time)")
+    sources = cupy_.kernel_sources()
+    code = cupy_._inline_header(sources[kernel_file], sources)
+    options = [*cupy_.compile_options(kernel_file, head_dim), f"--gpu-architecture={arch}"]
+    rc, log = _compile(nvrtc, kernel_file, code, options)
+    assert rc == 0, f"{kernel_file} head_dim={head_dim} {arch}: {nvrtc.nvrtcGetErrorString(rc)}\n{log}"
+    assert "warning" not in log, log
+
+
+def test_nvrtc_reports_errors(nvrtc):
+    """The check can fail: a broken kernel does not compile."""
+    rc, log = _compile(nvrtc, "broken.cu", 'extern "C" __global__ void f() { undefined_name(); }', [])
+    assert rc != 0 and "undefined_name" in log
