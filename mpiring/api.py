@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
+from mpiring import interop as _interop
 from mpiring import layout as _layout
 from mpiring._xp import SUPPORTED_DTYPES, array_module, dtype_name, is_cupy
 from mpiring.backends import backend_for
@@ -93,7 +94,9 @@ def _check_arrays(named: dict) -> None:
     """Local checks of q, k, v (and dout, out for backward)."""
     for name, x in named.items():
         if _array_kind(x) is None:
-            raise _LocalError(TypeError, f"{name} must be a NumPy or CuPy array, got {type(x).__name__}")
+            raise _LocalError(
+                TypeError, f"{name} must be a NumPy, CuPy or DLPack (torch, JAX) array, got {type(x).__name__}"
+            )
         if x.ndim != 4:
             raise _LocalError(ValueError, f"{name}.ndim={x.ndim} must be 4 (batch, seqlen, heads, head_dim)")
     q, k, v = named["q"], named["k"], named["v"]
@@ -135,13 +138,17 @@ class _Call:
     active: tuple  # active[s]: step s has work
 
 
-def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, lse=None):
+def _prepare(
+    fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, lse=None, problem=None,
+):
     comm = _resolve_comm(comm, fn)
     pcomm = private_comm(comm)
     size, rank = pcomm.Get_size(), pcomm.Get_rank()
     error, mask, scale = None, None, None
     q, k = arrays["q"], arrays["k"]
     try:
+        if problem is not None:  # an array that could not be imported (mpiring.interop)
+            raise _LocalError(TypeError, problem)
         _check_arrays(arrays)
         if layout not in _layout.LAYOUTS:
             raise _LocalError(ValueError, f"layout={layout!r} must be one of {_layout.LAYOUTS}")
@@ -191,9 +198,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         active = (True,) * size
     else:
         active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
-    backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
-                          steps=sum(active))
-    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active)
+    return _Call(pcomm, backend_for(xp), tr, mask, scale, k.shape[2], q_segs, k_segs, active)
 
 
 def _check_lse(lse, q) -> None:
@@ -270,12 +275,13 @@ def ring_attention(
     lse : ``(batch, heads, seqlen_local)`` float32 (float64 for float64 inputs), natural
         log; −inf (and out = 0) on rows with no allowed key. Only if ``return_lse``.
     """
+    arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v})
     call = _prepare(
-        "ring_attention", comm, {"q": q, "k": k, "v": v}, causal=causal, softmax_scale=softmax_scale,
+        "ring_attention", comm, arrays, problem=problem, causal=causal, softmax_scale=softmax_scale,
         layout=layout, window=window, cu_seqlens=cu_seqlens, transport=transport,
     )
-    out, lse = _forward(call, q, k, v)
-    return (out, lse) if return_lse else out
+    out, lse = _forward(call, arrays["q"], arrays["k"], arrays["v"])
+    return (export(out), export(lse)) if return_lse else export(out)
 
 
 def _forward(call: _Call, q, k, v):
@@ -322,12 +328,15 @@ def ring_attention_backward(
     The dK/dV partials travel with their K/V block in the compute dtype (float32 at
     least) and arrive at their owner after N hops, so error does not grow with N.
     """
+    arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse})
+    lse = arrays.pop("lse")  # checked apart: it is 3-d
     call = _prepare(
-        "ring_attention_backward", comm, {"q": q, "k": k, "v": v, "dout": dout, "out": out},
+        "ring_attention_backward", comm, arrays, problem=problem,
         causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
         cu_seqlens=cu_seqlens, transport=transport, lse=lse,
     )
-    return _backward(call, dout, q, k, v, out, lse)
+    grads = _backward(call, arrays["dout"], arrays["q"], arrays["k"], arrays["v"], arrays["out"], lse)
+    return tuple(export(g) for g in grads)
 
 
 def _backward(call: _Call, dout, q, k, v, out, lse):
