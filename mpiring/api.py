@@ -198,7 +198,9 @@ def _prepare(
         active = (True,) * size
     else:
         active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
-    return _Call(pcomm, backend_for(xp), tr, mask, scale, k.shape[2], q_segs, k_segs, active)
+    backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
+                          steps=sum(active))
+    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active)
 
 
 def _check_lse(lse, q) -> None:
