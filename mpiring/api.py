@@ -10,6 +10,8 @@ block is fully masked are skipped, but the block still travels.
 from __future__ import annotations
 
 import math
+import re
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,6 +105,9 @@ def _check_arrays(named: dict) -> None:
     kinds = {name: _array_kind(x) for name, x in named.items()}
     if len(set(kinds.values())) > 1:
         raise _LocalError(TypeError, f"arrays must all be NumPy or all CuPy, got {kinds}")
+    devices = {name: x.device.id for name, x in named.items() if is_cupy(x)}
+    if len(set(devices.values())) > 1:
+        raise _LocalError(ValueError, f"arrays must all be on one GPU, got devices {devices}")
     for name, x in named.items():
         if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
             names = [dtype_name(d) for d in SUPPORTED_DTYPES]
@@ -116,6 +121,8 @@ def _check_arrays(named: dict) -> None:
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise _LocalError(ValueError, f"q.shape={q.shape} and k.shape={k.shape} differ in batch or head_dim")
     heads, heads_kv = q.shape[2], k.shape[2]
+    if q.shape[3] == 0 or heads == 0:  # 1/sqrt(head_dim) and the GQA group need both >= 1
+        raise _LocalError(ValueError, f"q.shape={q.shape}: heads and head_dim must be >= 1")
     if heads_kv == 0 or heads % heads_kv:
         raise _LocalError(ValueError, f"heads={heads} (q) must be a multiple of heads_kv={heads_kv} (k, v)")
     for name in ("dout", "out"):
@@ -136,13 +143,14 @@ class _Call:
     q_segs: tuple
     k_segs: list  # k_segs[r]: segments of rank r's K/V block
     active: tuple  # active[s]: step s has work
+    timeout: float | None = None  # seconds per ring wait; None waits forever
 
 
-def _prepare(
-    fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, lse=None, problem=None,
-):
+def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
+             lse=None, problem=None):
     comm = _resolve_comm(comm, fn)
     pcomm = private_comm(comm)
+    _arrive(pcomm, fn, timeout)
     size, rank = pcomm.Get_size(), pcomm.Get_rank()
     error, mask, scale = None, None, None
     q, k = arrays["q"], arrays["k"]
@@ -170,18 +178,29 @@ def _prepare(
             )
         if lse is not None:
             _check_lse(lse, q)
+        if timeout is not None and (
+            not isinstance(timeout, (int, float, np.integer, np.floating)) or not 0 < timeout < math.inf
+        ):
+            raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
     except _LocalError as exc:
         error = exc
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:
+        # Malformed input that slipped past the explicit checks (e.g. a ragged
+        # cu_seqlens): still agreed, or the other ranks would wait in _agree.
+        kind = ValueError if isinstance(exc, (ValueError, IndexError)) else TypeError
+        error = _LocalError(kind, f"invalid input ({type(exc).__name__}: {exc})")
+    # Built from plain values only: an exception here on one rank would leave the
+    # others waiting in _agree's allgather.
     signature = {
         "array": _array_kind(q),
-        "dtype": dtype_name(q.dtype) if hasattr(q, "dtype") else None,
-        "q.shape": tuple(getattr(q, "shape", ())),
-        "k.shape": tuple(getattr(k, "shape", ())),
-        "layout": layout,
-        "causal": bool(causal),
-        "window": window if window is None or isinstance(window, int) else tuple(window),
+        "dtype": dtype_name(q.dtype) if error is None else _comparable(getattr(q, "dtype", None)),
+        "q.shape": _comparable(getattr(q, "shape", None)),
+        "k.shape": _comparable(getattr(k, "shape", None)),
+        "layout": _comparable(layout),
+        "causal": _comparable(causal),
+        "window": _comparable(window),
         "softmax_scale": scale,
         "cu_seqlens": None if mask is None or mask.cu_seqlens is None else mask.cu_seqlens.tobytes(),
         "transport": transport if isinstance(transport, str) else type(transport).__name__,
@@ -194,13 +213,44 @@ def _prepare(
         tr = transport if isinstance(transport, Transport) else select_transport(transport, pcomm, xp)
     q_segs = _layout.segments(layout, rank, size, q.shape[1])
     k_segs = [_layout.segments(layout, r, size, k.shape[1]) for r in range(size)]
-    if mask.is_full:
+    if q.shape[0] == 0:  # batch 0: no work, but the (empty) K/V still travels
+        active = (False,) * size
+    elif mask.is_full:
         active = (True,) * size
     else:
         active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
+    timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
                           steps=sum(active))
-    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active)
+    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active, timeout)
+
+
+def _arrive(comm, fn: str, timeout) -> None:
+    """Wait until every rank has called (a nonblocking barrier), for at most ``timeout``
+    seconds where that is a valid number: a rank that never calls then gives TimeoutError
+    rather than a hang in the validation allgather. Always entered, so that ranks that
+    disagree on ``timeout`` still meet; an invalid value is reported by the agreed checks."""
+    request = comm.Ibarrier()
+    valid = isinstance(timeout, (int, float, np.integer, np.floating)) and 0 < timeout < math.inf
+    if not valid:
+        request.Wait()
+        return
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{fn}: not every rank of the communicator called within timeout={timeout} s")
+        time.sleep(1e-4)
+
+
+def _comparable(x):
+    """A picklable value that compares with ``!=`` without raising (for the signature)."""
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    if isinstance(x, (np.bool_, np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, (tuple, list)) and len(x) <= 8:
+        return tuple(_comparable(e) for e in x)
+    return f"<{type(x).__name__}>"
 
 
 def _check_lse(lse, q) -> None:
@@ -211,6 +261,8 @@ def _check_lse(lse, q) -> None:
 
 
 def _make_mask(causal, window, cu_seqlens, seqlen_global: int) -> _layout.Mask:
+    if not isinstance(causal, (bool, np.bool_, int, np.integer)) or causal not in (0, 1):
+        raise _LocalError(TypeError, f"causal={causal!r} must be a bool")
     if window is not None:
         pair = window if isinstance(window, (tuple, list)) else None
         if pair is None and (not isinstance(window, (int, np.integer)) or window < 1):
@@ -232,23 +284,41 @@ def _make_mask(causal, window, cu_seqlens, seqlen_global: int) -> _layout.Mask:
     return _layout.make_mask(causal, window, cu_seqlens)
 
 
-def _agree_allocated(comm, fn: str, allocate):
+def _agree_allocated(comm, fn: str, allocate, estimate=None):
     """Allocate, then agree: every rank allocates its ring buffers before the first
-    exchange; if any rank failed, every rank raises MemoryError."""
+    exchange; if any rank failed, every rank raises the same MemoryError (which ranks,
+    the bytes each asked for, and ``estimate()``, the bytes per rank of the whole call).
+
+    One allreduce either way; ``estimate`` runs only on failure and must give the same
+    figure on every rank (it is a function of the agreed shapes and options).
+    """
     try:
-        result, failed = allocate(), 0
-    except MemoryError:
-        result, failed = None, 1
-    failed_ranks = comm.allreduce(failed, op=MPI.SUM)
-    if failed_ranks:
-        raise MemoryError(f"{fn}: allocating the ring buffers failed on {failed_ranks} rank(s)")
+        result, failed = allocate(), []
+    except MemoryError as exc:  # CuPy's OutOfMemoryError is a MemoryError too
+        result, failed = None, [(comm.Get_rank(), _requested_bytes(exc))]
+    # SUM of lists concatenates: every rank learns every failure.
+    failures = sorted(comm.allreduce(failed, op=MPI.SUM))
+    if failures:
+        result = None  # free what this rank did allocate before raising
+        asked = ", ".join(f"rank {r}" + (f" ({b:,} bytes requested)" if b else "") for r, b in failures)
+        total = "" if estimate is None else f"; the call needs about {estimate():,} bytes per rank"
+        raise MemoryError(f"{fn}: allocating the ring buffers failed on {asked}{total}")
     return result
+
+
+def _requested_bytes(exc: MemoryError) -> int | None:
+    """The size of the allocation that failed, where the array library says it."""
+    size = getattr(exc, "_total_size", None)  # NumPy's _ArrayMemoryError
+    if isinstance(size, int):
+        return size
+    found = re.search(r"allocating ([\d,]+) bytes", str(exc))  # CuPy's OutOfMemoryError
+    return int(found.group(1).replace(",", "")) if found else None
 
 
 # --- the ring loops -----------------------------------------------------------------------
 def ring_attention(
     q, k, v, comm=None, *, causal=False, softmax_scale=None, layout="contiguous", window=None,
-    cu_seqlens=None, transport="auto", return_lse=True,
+    cu_seqlens=None, transport="auto", return_lse=True, timeout=None,
 ):
     """Exact attention over a sequence split across the ranks of ``comm``.
 
@@ -270,6 +340,10 @@ def ring_attention(
         every rank); attention never crosses a document.
     transport : ``"auto"``, a transport name, or a :class:`mpiring.transport.Transport`.
     return_lse : also return the log-sum-exp.
+    timeout : seconds any one ring exchange may take before this rank raises
+        :class:`TimeoutError` (default None: wait forever). For a rank that died or
+        never called; after a timeout the communicator's ring messages are out of step,
+        so end the job (or never use ``comm`` with mpiring again).
 
     Returns
     -------
@@ -280,7 +354,7 @@ def ring_attention(
     arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v})
     call = _prepare(
         "ring_attention", comm, arrays, problem=problem, causal=causal, softmax_scale=softmax_scale,
-        layout=layout, window=window, cu_seqlens=cu_seqlens, transport=transport,
+        layout=layout, window=window, cu_seqlens=cu_seqlens, transport=transport, timeout=timeout,
     )
     out, lse = _forward(call, arrays["q"], arrays["k"], arrays["v"])
     return (export(out), export(lse)) if return_lse else export(out)
@@ -306,13 +380,13 @@ def _forward(call: _Call, q, k, v):
             be.fwd_step(state, cur, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
             fence = be.record()
         if ex is not None:
-            tr.wait(ex)
+            tr.wait(ex, timeout=call.timeout)
     return be.fwd_end(state)
 
 
 def ring_attention_backward(
     dout, q, k, v, out, lse, comm=None, *, causal=False, softmax_scale=None, layout="contiguous",
-    window=None, cu_seqlens=None, transport="auto",
+    window=None, cu_seqlens=None, transport="auto", timeout=None,
 ):
     """Gradients of :func:`ring_attention` (same options, same shards).
 
@@ -321,6 +395,7 @@ def ring_attention_backward(
     dout : ``(batch, seqlen_local, heads, head_dim)``, gradient of ``out``.
     q, k, v : as passed to :func:`ring_attention`.
     out, lse : as returned by :func:`ring_attention`.
+    timeout : as in :func:`ring_attention`.
 
     Returns
     -------
@@ -335,7 +410,7 @@ def ring_attention_backward(
     call = _prepare(
         "ring_attention_backward", comm, arrays, problem=problem,
         causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
-        cu_seqlens=cu_seqlens, transport=transport, lse=lse,
+        cu_seqlens=cu_seqlens, transport=transport, timeout=timeout, lse=lse,
     )
     grads = _backward(call, arrays["dout"], arrays["q"], arrays["k"], arrays["v"], arrays["out"], lse)
     return tuple(export(g) for g in grads)
@@ -367,15 +442,15 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
         if call.active[s]:
             be.bwd_step(state, cur, mine, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
         if ex_dkv is not None:
-            tr.wait(ex_dkv)
+            tr.wait(ex_dkv, timeout=call.timeout)
             mine += dkv[(s + 1) % 3]
         if size > 1:
             # Send C_s on; receive R_s into C_{s-1}'s buffer, whose send has completed.
             fence = be.record()
             ex_dkv = tr.post([mine], [dkv[(s + 2) % 3]], tag=_TAG_DKV, send_ready=fence, recv_free=fence)
         if ex_kv is not None:
-            tr.wait(ex_kv)
+            tr.wait(ex_kv, timeout=call.timeout)
     if size > 1:
-        tr.wait(ex_dkv)  # the last hop brings our own block's dK/dV home
+        tr.wait(ex_dkv, timeout=call.timeout)  # the last hop brings our own block's dK/dV home
     home = dkv[(size + 1) % 3] if size > 1 else dkv[0]
     return be.bwd_end(state, home, k.dtype)
