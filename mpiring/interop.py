@@ -95,6 +95,21 @@ class _Relabelled:
         return _relabel_capsule(self._producer.__dlpack__(*args, **kwargs), *self._codes)
 
 
+class _Unversioned:
+    """``producer`` seen as a pre-1.0 DLPack producer (``max_version`` withheld): its
+    capsule carries no read-only flag. For a consumer that refuses read-only imports
+    (JAX arrays are immutable); mpiring only reads its inputs."""
+
+    def __init__(self, producer):
+        self._producer = producer
+
+    def __dlpack_device__(self):
+        return self._producer.__dlpack_device__()
+
+    def __dlpack__(self, stream=None, **_ignored):
+        return self._producer.__dlpack__(stream=stream)
+
+
 # --- array kinds ----------------------------------------------------------------------------
 def _is_torch(x) -> bool:
     torch = sys.modules.get("torch")
@@ -143,7 +158,13 @@ def to_native(x, name: str = "array"):
         raise TypeError(f"{name}: {typename}.__dlpack_device__() failed: {exc}") from exc
     if device_type in (_DL_CUDA, _DL_CUDA_MANAGED):
         # CuPy passes the current stream of x's device to x.__dlpack__(stream=...).
-        importer = _import_cupy(name, typename).from_dlpack
+        from_dlpack = _import_cupy(name, typename).from_dlpack
+
+        def importer(y):
+            try:
+                return from_dlpack(y)
+            except BufferError:  # e.g. a read-only capsule: ask for an unversioned one
+                return from_dlpack(_Unversioned(y))
     elif device_type in (_DL_CPU, _DL_CUDA_HOST):
         importer = np.from_dlpack
         if _is_bfloat16(x):

@@ -81,6 +81,16 @@ def test_relabelling_checks_the_dtype():
 
 
 @pytest.mark.serial
+def test_unversioned_withholds_max_version():
+    """The fallback for consumers that refuse read-only (versioned) capsules."""
+    a = np.arange(4, dtype=np.float32)
+    assert interop._capsule_name(a.__dlpack__(max_version=(1, 0))) == b"dltensor_versioned"
+    capsule = interop._Unversioned(a).__dlpack__(stream=None, max_version=(1, 0), copy=None)
+    assert interop._capsule_name(capsule) == b"dltensor"
+    assert np.from_dlpack(interop._Unversioned(a)).ctypes.data == a.ctypes.data
+
+
+@pytest.mark.serial
 def test_exportable_bfloat16_is_a_view():
     """A bfloat16 NumPy result is exported as bfloat16 through a uint16 view (no copy)."""
     a = np.arange(6, dtype=np.float32).astype(bfloat16)
