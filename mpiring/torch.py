@@ -30,7 +30,7 @@ __all__ = ["ring_attention"]
 
 def ring_attention(
     q, k, v, *, comm=None, causal=False, softmax_scale=None, layout="contiguous", window=None,
-    cu_seqlens=None, transport="auto",
+    cu_seqlens=None, transport="auto", timeout=None,
 ):
     """Exact attention over a sequence sharded across the ranks of ``comm``, differentiable.
 
@@ -43,7 +43,7 @@ def ring_attention(
     k, v : torch.Tensor ``(batch, seqlen_local, heads_kv, head_dim)``, ``heads % heads_kv == 0``;
         float16, bfloat16, float32 or float64, all q's dtype and device.
     comm : mpi4py intracommunicator (default ``MPI.COMM_WORLD``).
-    causal, softmax_scale, layout, window, cu_seqlens, transport :
+    causal, softmax_scale, layout, window, cu_seqlens, transport, timeout :
         as in :func:`mpiring.ring_attention` (``softmax_scale`` default ``1/sqrt(head_dim)``;
         ``layout`` is how the sequence was split, see :func:`mpiring.shard`).
 
@@ -58,7 +58,7 @@ def ring_attention(
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} (use mpiring.ring_attention)")
     options = dict(comm=comm, causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
-                   cu_seqlens=cu_seqlens, transport=transport)
+                   cu_seqlens=cu_seqlens, transport=transport, timeout=timeout)
     return _function().apply(q, k, v, options)
 
 
@@ -101,6 +101,7 @@ def _function():
             return out
 
         @staticmethod
+        @torch.autograd.function.once_differentiable  # the ring backward is not itself differentiable
         def backward(ctx, dout):
             q, k, v, out, lse = (_ready(t) for t in ctx.saved_tensors)  # out comes back requiring grad
             with _device_scope(q):
