@@ -55,7 +55,9 @@ def test_return_lse_false(comm, seed):
 
 def test_large_logits_no_overflow(comm, seed):
     """Logits of ~±1e4 in float64: no overflow or NaN. Rounding of a logit L costs
-    ~eps·|L| ≈ 2e-12 relative, amplified by the softmax, hence 1e-9 and not 1e-11."""
+    ~eps·|L| ≈ 2e-12 relative, amplified by the softmax, hence 1e-9 and not 1e-11.
+    The softmax is then nearly one-hot, so the true gradients are ~0 and only an
+    absolute bound means anything: eps · scale · |q|·|k| ≈ 1e-8."""
     from helpers import random_problem, rel_err
 
     import mpiring
@@ -68,7 +70,8 @@ def test_large_logits_no_overflow(comm, seed):
     out_ref, lse_ref = mpiring.attention_reference(q, k, v, **opts)
     refs = (out_ref, *mpiring.attention_reference_backward(do, q, k, v, **opts))
     assert np.abs(lse_ref).max() > 1e3
+    assert rel_err(out, sh(out_ref)) < 1e-9
     for x, ref in zip((out, *grads), refs):
         assert np.all(np.isfinite(x))
-        assert rel_err(x, sh(ref)) < 1e-9
+        np.testing.assert_allclose(x, sh(ref), rtol=1e-9, atol=1e-8)
     np.testing.assert_allclose(lse, mpiring.shard(lse_ref, comm, layout="striped", axis=2), rtol=1e-12)
