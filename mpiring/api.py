@@ -350,6 +350,16 @@ def ring_attention(
     out : ``(batch, seqlen_local, heads, head_dim)``, q's dtype and array kind.
     lse : ``(batch, heads, seqlen_local)`` float32 (float64 for float64 inputs), natural
         log; −inf (and out = 0) on rows with no allowed key. Only if ``return_lse``.
+
+    Notes
+    -----
+    Non-finite inputs propagate like the float64 reference: NaN/Inf in q row i makes
+    row i of ``out`` non-finite; in k row j, exactly the rows allowed to attend j. In v
+    (or any input of the backward) it stays within its (batch, kv-head group) slice:
+    ``0·NaN`` in a matmul spreads it along that slice, as in the reference.
+    Deterministic on NumPy: the same inputs give bitwise the same outputs and gradients
+    on every run and with every host transport (summation order is fixed by the ring
+    step and the tile, never by message arrival).
     """
     arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v})
     call = _prepare(
