@@ -361,7 +361,8 @@ def ring_attention(
     on every run and with every host transport (summation order is fixed by the ring
     step and the tile, never by message arrival).
     """
-    arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v})
+    arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v, "cu_seqlens": cu_seqlens})
+    cu_seqlens = arrays.pop("cu_seqlens")  # may be a torch/JAX/CuPy index array too
     call = _prepare(
         "ring_attention", comm, arrays, problem=problem, causal=causal, softmax_scale=softmax_scale,
         layout=layout, window=window, cu_seqlens=cu_seqlens, transport=transport, timeout=timeout,
@@ -415,8 +416,9 @@ def ring_attention_backward(
     The dK/dV partials travel with their K/V block in the compute dtype (float32 at
     least) and arrive at their owner after N hops, so error does not grow with N.
     """
-    arrays, export, problem = _interop.import_arrays({"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse})
-    lse = arrays.pop("lse")  # checked apart: it is 3-d
+    arrays, export, problem = _interop.import_arrays(
+        {"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse, "cu_seqlens": cu_seqlens})
+    lse, cu_seqlens = arrays.pop("lse"), arrays.pop("cu_seqlens")  # checked apart: not (B, S, H, D)
     call = _prepare(
         "ring_attention_backward", comm, arrays, problem=problem,
         causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,

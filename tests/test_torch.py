@@ -71,6 +71,24 @@ def test_torch_tensors_give_the_numpy_numbers(comm, seed, device, dtype):
         assert torch.equal(x, mpiring.interop.export_like(ref, "torch")), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_cu_seqlens_tensor(comm, seed, device):
+    """cu_seqlens as an int32 torch tensor on the arrays' device (flash-attn's habit)."""
+    dev = device_for(comm, device)
+    seqlen = 8 * comm.Get_size()
+    cu = np.array([0, 3, seqlen // 2 + 1, seqlen], np.int32)
+    arrays = [mpiring.shard(x, comm, layout="zigzag") for x in random_problem(seed, 1, seqlen, 4, 2, 8, np.float32)]
+    opts = dict(causal=True, layout="zigzag")
+    out_n, lse_n = mpiring.ring_attention(*arrays[:3], comm, cu_seqlens=cu, **opts)
+    grads_n = mpiring.ring_attention_backward(arrays[3], *arrays[:3], out_n, lse_n, comm, cu_seqlens=cu, **opts)
+    q, k, v, dout = (torch.from_numpy(a).to(dev) for a in arrays)
+    cu_t = torch.from_numpy(cu).to(dev)
+    out, lse = mpiring.ring_attention(q, k, v, comm, cu_seqlens=cu_t, **opts)
+    grads = mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, cu_seqlens=cu_t, **opts)
+    for x, ref in zip((out, lse, *grads), (out_n, lse_n, *grads_n)):
+        np.testing.assert_allclose(x.cpu().numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
 def sdpa(q, k, v, **options):
     """torch's attention on the whole sequence, (batch, seqlen, heads, head_dim) in and out."""
     out = torch.nn.functional.scaled_dot_product_attention(
