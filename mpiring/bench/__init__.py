@@ -18,6 +18,7 @@ __all__ = ["COMMANDS", "register", "main"]
 # ``--help`` needs neither CuPy nor torch.
 COMMANDS: dict[str, tuple[str, str]] = {
     "kernel": ("mpiring.bench.kernel", "one GPU: CUDA kernels vs torch SDPA (FLASH, cuDNN), TF/s"),
+    "ring": ("mpiring.bench.ring", "N GPUs under mpiexec: the ring per transport vs torch context parallel, TF/s"),
 }
 
 

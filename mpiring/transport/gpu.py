@@ -102,8 +102,9 @@ def select_device(comm=None) -> int:
     """Make GPU ``local_rank mod device_count`` current on this rank and return its id.
 
     Collective over ``comm`` (default ``MPI.COMM_WORLD``): the local rank is this rank's
-    rank among the ranks of its node (``Split_type(COMM_TYPE_SHARED)``). Call it before
-    allocating arrays: the ring runs on the device that holds them.
+    rank among the ranks of its node (``Split_type(COMM_TYPE_SHARED)``).
+    ``MPIRING_DEVICE=<id>`` wins (still collective). Call it before allocating arrays:
+    the ring runs on the device that holds them.
     """
     import cupy
 
@@ -116,7 +117,10 @@ def select_device(comm=None) -> int:
     count = cupy.cuda.runtime.getDeviceCount()
     if count < 1:
         raise RuntimeError("select_device: no CUDA device is visible")
-    device = local_rank % count
+    forced = os.environ.get("MPIRING_DEVICE")
+    if forced is not None and not (forced.isdigit() and int(forced) < count):
+        raise ValueError(f"MPIRING_DEVICE={forced!r} must be a device id below {count}")
+    device = int(forced) if forced is not None else local_rank % count
     cupy.cuda.Device(device).use()
     return device
 
@@ -348,12 +352,25 @@ class GpuTransport(Transport):
         return MPI.Wtime()
 
 
-def poll_until(done, deadline: float | None, transport) -> None:
-    """Spin on ``done()`` until it is true; TimeoutError past ``deadline`` (time.monotonic)."""
+def poll_until(done, deadline: float | None, transport, *, pause: float = 0.0) -> None:
+    """Call ``done()`` until it is true; TimeoutError past ``deadline`` (time.monotonic).
+
+    No pause by default: MPI moves a large host message only as fast as it is polled
+    (shared-memory fragments), and a GPU rank owns its core.
+    """
     while not done():
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(
                 f"{transport.name}: ring exchange with ranks {transport.recv_rank} -> {transport.rank} -> "
                 f"{transport.send_rank} did not complete in time"
             )
-        time.sleep(2e-5)
+        if pause:
+            time.sleep(pause)
+
+
+def wait_all(requests: list, deadline: float | None, transport) -> None:
+    """MPI Waitall (MPI's own progress loop, full speed), or Testall polling up to ``deadline``."""
+    if deadline is None:
+        MPI.Request.Waitall(requests)
+    else:
+        poll_until(lambda: MPI.Request.Testall(requests), deadline, transport)

@@ -60,6 +60,6 @@ class NcclTransport(GpuTransport):
     def _wait(self, exchange: GpuExchange, deadline: float | None) -> None:
         self._mark_wait_begin(exchange)
         if deadline is not None:  # only a caller that asked for a timeout pays a host poll
-            poll_until(lambda: exchange.event.done, deadline, self)
+            poll_until(lambda: exchange.event.done, deadline, self, pause=1e-4)
         self.cupy.cuda.get_current_stream().wait_event(exchange.event)
         self._mark_done(exchange, exchange.event)
