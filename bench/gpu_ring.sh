@@ -7,14 +7,7 @@
 # Usage: bash bench/gpu_ring.sh [N] [bench options...]   (JSON + logs under $OUT, table last)
 set -o pipefail
 NP=${1:-$(nvidia-smi -L | wc -l)}; shift
-OUT=${OUT:-/tmp/mpiring-out}; mkdir -p "$OUT"
-export NCCL_NVLS_ENABLE=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-fi
-export PYTHONPATH=/tmp/site:$PWD
-nvidia-smi -L | tee "$OUT/gpus.txt"
-PYTEST="python3 -m mpi4py -m pytest -q -p no:cacheprovider --with-mpi --timeout=600 tests/test_gpu_ring.py"
+. bench/gpu_setup.sh || exit 1
 (
     . bench/gpu_env.sh .gpu/openmpi-4.1.4-cuda.tar.gz || exit 1
     $MPIRUN -np "$NP" python3 -m mpi4py -m mpiring.bench ring --out "$OUT/ring.json" "$@" 2>&1 | tee "$OUT/bench-ring.log"
