@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from mpiring.api import ring_attention, ring_attention_backward
 from mpiring.layout import shard, unshard
+from mpiring.memory import memory_estimate
 from mpiring.merge import merge_partials
 from mpiring.reference import attention_reference, attention_reference_backward
 
@@ -30,5 +31,6 @@ __all__ = [
     "attention_reference",
     "attention_reference_backward",
     "merge_partials",
+    "memory_estimate",
     "__version__",
 ]
