@@ -41,13 +41,14 @@ KERNEL_DTYPES = {np.dtype(np.float16): "f16", np.dtype(bfloat16): "bf16"}
 # Tile shape per head dim.
 # fwd: (warps, 16-row blocks per warp, keys per tile); rows per block = 16·MI·warps.
 #   Two row blocks per warp reuse each K/V fragment twice (half the shared-memory
-#   traffic per MMA); BN is what fits in 255 registers without spills (ptxas -v).
-# bwd: (warps, query rows per tile); keys per block = 16·warps.
+#   traffic per MMA); BN is what fits in 255 registers with (almost) no spills (ptxas -v).
+# bwd: (warps, query rows per tile, keys per block); each warp computes 32×32-or-wider
+#   tiles of the three phases (see attention_bwd.cu), which must split evenly.
 TILES = {
-    32: {"fwd": (4, 2, 64), "bwd": (8, 64)},
-    64: {"fwd": (4, 2, 64), "bwd": (8, 64)},
-    96: {"fwd": (4, 2, 32), "bwd": (8, 64)},
-    128: {"fwd": (4, 2, 32), "bwd": (8, 64)},
+    32: {"fwd": (4, 2, 64), "bwd": (4, 64, 64)},
+    64: {"fwd": (4, 2, 64), "bwd": (8, 64, 128)},
+    96: {"fwd": (4, 2, 32), "bwd": (4, 64, 64)},
+    128: {"fwd": (4, 2, 32), "bwd": (8, 64, 128)},
 }
 NO_BOUND = 1 << 30  # kernels' "unbounded" window side; positions must stay below 2**29
 _NEG_INF = float("-inf")
@@ -76,7 +77,7 @@ def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None) 
     if kernel_file == "attention_fwd.cu":
         opts += [f"-DFWD_NW={t['fwd'][0]}", f"-DFWD_MI={t['fwd'][1]}", f"-DFWD_BN={t['fwd'][2]}"]
     else:
-        opts += [f"-DBWD_NW={t['bwd'][0]}", f"-DBWD_BM={t['bwd'][1]}"]
+        opts += [f"-DBWD_NW={t['bwd'][0]}", f"-DBWD_BM={t['bwd'][1]}", f"-DBWD_BN={t['bwd'][2]}"]
     return tuple(opts)
 
 
@@ -274,9 +275,9 @@ class CudaKernelBackend:
         sk = kv.shape[2]
         if b * h * sq * sk == 0:
             return
-        nw, bm = self._tiles(d)["bwd"]
-        bn = 16 * nw
-        smem = (2 * bn + 4 * bm) * (d + 8) * 2 + bn * (bm + 8) * 2 + 4 * bm * 4
+        nw, bm, bn = self._tiles(d)["bwd"]
+        # K, V; Q, dO double-buffered; P, dS; lse and delta double-buffered.
+        smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4
         args = (
             (st.q, kv, st.dout, st.lse, st.delta, st.dq, dkv) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))

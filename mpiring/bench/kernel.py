@@ -2,10 +2,13 @@
 
 For each dtype × head dim × seqlen × causal: check the kernel's output against
 torch's (and, once per dtype and head dim, a small case against the float64
-oracle), then time forward and forward+backward through the public
-``ring_attention`` / ``ring_attention_backward`` at one rank (``MPI.COMM_SELF``),
-and torch ``scaled_dot_product_attention`` with the FLASH and cuDNN backends in the
-same process. torch is optional: without it the peer columns are left out.
+oracle through the public ``ring_attention``), then time forward and
+forward+backward of the backend's kernels as the ring runs them at one rank (one
+step: K/V already in the travelling buffer; out, lse, dq, dk, dv in the input
+dtype), and torch ``scaled_dot_product_attention`` with the FLASH and cuDNN
+backends in the same process. ``--api`` also times the public functions (their
+Python overhead included). torch is optional: without it the peer columns are
+left out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--passes", default="fwd,fwd+bwd")
     p.add_argument("--iters", type=int, default=0, help="timed runs (0: by size)")
     p.add_argument("--no-peers", action="store_true", help="skip torch even if installed")
+    p.add_argument("--api", action="store_true", help="also time ring_attention(_backward) at one rank")
+    p.add_argument("--tiles", default=None,
+                   help="tile override, e.g. '128:fwd=4,2,32;bwd=8,64,128' (see mpiring.backends.cupy_.TILES)")
     p.add_argument("--out", default=None, help="JSON results path (default bench/results/kernel-<card>-<date>.json)")
 
 
@@ -69,6 +75,19 @@ def _oracle_check(dtype, head_dim) -> float:
     return max(errs)
 
 
+def _parse_tiles(text):
+    """'128:fwd=4,2,32;bwd=8,64' -> {128: {'fwd': (4, 2, 32), 'bwd': (8, 64)}} over the defaults."""
+    from mpiring.backends.cupy_ import TILES
+
+    tiles = {d: dict(t) for d, t in TILES.items()}
+    if text:
+        dim, _, spec = text.partition(":")
+        for part in spec.split(";"):
+            key, _, vals = part.partition("=")
+            tiles[int(dim)][key] = tuple(int(x) for x in vals.split(","))
+    return tiles
+
+
 def run(args) -> int:
     import cupy
     from mpi4py import MPI
@@ -76,6 +95,7 @@ def run(args) -> int:
     import mpiring
 
     comm = MPI.COMM_SELF
+    args.tile_table = _parse_tiles(args.tiles)
     peers = None if args.no_peers else _torch_peers()
     card = card_name()
     rows, table = [], []
@@ -106,18 +126,38 @@ def run(args) -> int:
 
 
 def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
+    from mpiring.backends.cupy_ import CudaKernelBackend
+    from mpiring.layout import Segment, make_mask
+
     b, s, h, d = q.shape
     flops = {p: attention_flops(b, s, s, h, d, causal=causal, mode=p) for p in ("fwd", "fwd+bwd")}
     iters = args.iters or max(3, min(20, int(2e14 / flops["fwd"])))
+    be = CudaKernelBackend(steps=1, tiles=args.tile_table)
+    segs, mask, scale = (Segment(0, 1, s),), make_mask(causal), 1 / d**0.5
+    kv = be.pack_kv(k, v)
 
     def fwd():
-        return mpiring.ring_attention(q, k, v, comm, causal=causal)
+        st = be.fwd_begin(q, h, scale)
+        be.fwd_step(st, kv, segs, segs, mask)
+        return be.fwd_end(st)
 
     def fwd_bwd():
         out, lse = fwd()
-        return mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=causal)
+        st, dkv = be.bwd_begin(do, q, out, lse, h, scale), be.zeros_dkv(kv)
+        be.bwd_step(st, kv, dkv, segs, segs, mask)
+        return be.bwd_end(st, dkv, k.dtype)
 
     ours = {"fwd": time_cuda(fwd, iters=iters), "fwd+bwd": time_cuda(fwd_bwd, iters=iters)}
+    api = {}
+    if args.api:
+        def api_fwd():
+            return mpiring.ring_attention(q, k, v, comm, causal=causal)
+
+        def api_fwd_bwd():
+            out, lse = api_fwd()
+            return mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=causal)
+
+        api = {"fwd": time_cuda(api_fwd, iters=iters), "fwd+bwd": time_cuda(api_fwd_bwd, iters=iters)}
     peer_t = {}
     if peers is not None:
         peer_t = _time_peers(peers, q, k, v, do, causal, iters, fwd()[0])
@@ -128,7 +168,10 @@ def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
             bench="kernel", card=card, date=today(), command=command_line(), dtype=dname, heads=h, heads_kv=h,
             head_dim=d, seqlen=s, batch=b, n_gpus=1, causal=causal, layout="contiguous", transport=None, **{"pass": p},
             tflops_per_gpu=round(tf, 1), seconds=ours[p],
+            tiles={key: list(val) for key, val in args.tile_table[d].items()},
         )
+        if api:
+            row["api_tflops_per_gpu"] = round(flops[p] / api[p] / 1e12, 1)
         cells = {}
         for name, times in peer_t.items():
             cells[name] = flops[p] / times[p] / 1e12

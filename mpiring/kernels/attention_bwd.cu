@@ -7,11 +7,12 @@
 //   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomics: many K tiles add to one Q row)
 //   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials)
 //
-// One block owns BN = 16·NW keys of one (batch, kv head) and sweeps every query
-// tile of BM rows of every q head of its GQA group, so dK/dV (summed over the
-// group) stay in registers and are added to `dkv` once, without atomics. Each
-// warp owns 16 keys and computes the transposed tiles Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ,
-// whose register fragments are the A operands of dV += Pᵀ·dO and dK += dSᵀ·Q.
+// One block owns BN keys of one (batch, kv head) and sweeps every query tile of BM
+// rows of every q head of its GQA group, so dK/dV (summed over the group) stay in
+// registers and are added to `dkv` once, without atomics. Per query tile, three
+// phases with their own warp grids (FA2's): S = Q·Kᵀ and dP = dO·Vᵀ, then P and dS
+// (rounded to the input dtype) go to shared memory; dV += Pᵀ·dO and dK += dSᵀ·Q read
+// them transposed (ldmatrix.trans); dQ += dS·K is reduced into fp32 dq_acc.
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -23,22 +24,31 @@
 #ifndef BWD_BM
 #define BWD_BM 64
 #endif
+#ifndef BWD_BN
+#define BWD_BN 128
+#endif
 
-template <typename T, int D, int NW, int BM>
+template <typename T, int D, int NW, int BM, int BN>
 __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u16* __restrict__ kv,
                                               const u16* __restrict__ dout, const float* __restrict__ lse,
                                               const float* __restrict__ delta, float* __restrict__ dq_acc,
                                               float* __restrict__ dkv, int B, int H, int Hkv, int Sq, int Sk,
                                               float scale_log2, float scale, Segs qs, Segs ks, MaskInfo mask) {
-  const int BN = 16 * NW, NT = 32 * NW, LD = D + 8, LDS = BM + 8;
+  const int NT = 32 * NW, LD = D + 8, LP = BN + 8;
+  // Warp grids of the three phases (each warp: 32 rows = two 16-row MMA blocks).
+  const int WM1 = BM / 32, KW1 = BN / (NW / WM1);  // S, dP: 32 queries × KW1 keys per warp
+  const int KW2 = 32, DW2 = D / (NW / (BN / 32));  // dV, dK: 32 keys × DW2 dims
+  const int DW3 = D / (NW / (BM / 32));            // dQ: 32 queries × DW3 dims
+  static_assert(KW1 % 16 == 0 && DW2 % 16 == 0 && DW3 % 16 == 0, "tile shape does not split over the warps");
   extern __shared__ uint4 smem_u4[];
   u16* sK = reinterpret_cast<u16*>(smem_u4);
   u16* sV = sK + BN * LD;
   u16* sQ = sV + BN * LD;        // [2][BM][LD]
   u16* sdO = sQ + 2 * BM * LD;   // [2][BM][LD]
-  u16* sdS = sdO + 2 * BM * LD;  // [BN][LDS]: dSᵀ, rows = keys
-  float* sL = reinterpret_cast<float*>(sdS + BN * LDS);  // [2][BM]: lse·log2e (+1e30: row has no key)
-  float* sD = sL + 2 * BM;                              // [2][BM]: delta
+  u16* sP = sdO + 2 * BM * LD;   // [BM][LP]: P in the input dtype
+  u16* sdS = sP + BM * LP;       // [BM][LP]: dS
+  float* sL = reinterpret_cast<float*>(sdS + BM * LP);  // [2][BM]: lse·log2e (+1e30: row has no key)
+  float* sD = sL + 2 * BM;                             // [2][BM]: delta
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv, G = H / Hkv;
@@ -57,9 +67,15 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // padded keys of the ragged last tile are masked
   };
   // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed.
+  // Queries that may meet this key tile have positions in [klo − right, khi + left].
+  const Sweep sweep = {qs, Sq, BM, klo - mask.right, khi + mask.left};
+  const int t_first = sweep.first(), t_end = sweep.end();
   auto next_work = [&](int w) {
-    while (w < G * nqt && tile_class(w % nqt) == 0) ++w;
-    return w;
+    for (int g = w / nqt, t = max(w % nqt, t_first); g < G; ++g, t = t_first) {
+      for (; t < t_end; ++t)
+        if (tile_class(t) != 0) return g * nqt + t;
+    }
+    return G * nqt;
   };
   auto prefetch = [&](int w, int st) {
     const int h = hk * G + w / nqt, i0 = (w % nqt) * BM;
@@ -83,23 +99,27 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   prefetch(w, 0);
   cp_async_commit();
 
-  float dk[D / 8][4], dv[D / 8][4];
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  // Phase 1 (S = Q·Kᵀ, dP = dO·Vᵀ): warp rows m1, keys n1.
+  const int m1 = (warp % WM1) * 32, n1 = (warp / WM1) * KW1;
+  const u32 qa = smem_addr(sQ) + 2 * (m1 * LD + lds_a<LD>(lane)), oa = smem_addr(sdO) + 2 * (m1 * LD + lds_a<LD>(lane));
+  const u32 kb = smem_addr(sK) + 2 * (n1 * LD + lds_b<LD>(lane)), vb = smem_addr(sV) + 2 * (n1 * LD + lds_b<LD>(lane));
+  // Phase 2 (dV += Pᵀ·dO, dK += dSᵀ·Q): warp keys n2, dims d2; Pᵀ/dSᵀ are P/dS read transposed.
+  const int n2 = (warp % (BN / 32)) * KW2, d2 = (warp / (BN / 32)) * DW2;
+  const int at_off = ((lane >> 4) * 8 + (lane & 7)) * LP + ((lane >> 3) & 1) * 8;  // A = Xᵀ from X [k][m]
+  const u32 pta = smem_addr(sP) + 2 * (n2 + at_off), dsta = smem_addr(sdS) + 2 * (n2 + at_off);
+  const u32 obt = smem_addr(sdO) + 2 * (d2 + lds_bt<LD>(lane)), qbt = smem_addr(sQ) + 2 * (d2 + lds_bt<LD>(lane));
+  // Phase 3 (dQ = dS·K): warp rows m3, dims d3.
+  const int m3 = (warp % (BM / 32)) * 32, d3 = (warp / (BM / 32)) * DW3;
+  const u32 dsa = smem_addr(sdS) + 2 * (m3 * LP + lds_a<LP>(lane));
+  const u32 kbt = smem_addr(sK) + 2 * (d3 + lds_bt<LD>(lane));
 
-  const int krow = warp * 16;  // this warp's keys within the tile
-  const u32 ka = smem_addr(sK) + 2 * (krow * LD + lds_a<LD>(lane));
-  const u32 va = smem_addr(sV) + 2 * (krow * LD + lds_a<LD>(lane));
-  const u32 qb = smem_addr(sQ) + 2 * lds_b<LD>(lane), qbt = smem_addr(sQ) + 2 * lds_bt<LD>(lane);
-  const u32 ob = smem_addr(sdO) + 2 * lds_b<LD>(lane), obt = smem_addr(sdO) + 2 * lds_bt<LD>(lane);
-  // dQ = dS·K: warps tile (BM/16 row blocks) × (D/WN columns).
-  const int WM = BM / 16, WN = NW / WM, DW = D / WN;
-  const int dq_m = (warp % WM) * 16, dq_n = (warp / WM) * DW;
-  // A = dS (rows m, cols keys) read transposed from dSᵀ: matrices (m,k) (m+8,k) (m,k+8) (m+8,k+8).
-  const u32 dsa = smem_addr(sdS) + 2 * ((((lane >> 4) * 8 + (lane & 7)) * LDS) + dq_m + ((lane >> 3) & 1) * 8);
-  const u32 kbt = smem_addr(sK) + 2 * (lds_bt<LD>(lane) + dq_n);
+  float dk[2][DW2 / 8][4], dv[2][DW2 / 8][4];
+#pragma unroll
+  for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+    for (int n = 0; n < DW2 / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dk[mi][n][e] = dv[mi][n][e] = 0.f;
 
   int stage = 0;
   while (w < G * nqt) {
@@ -113,111 +133,125 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     const float* sLs = sL + stage * BM;
     const float* sDs = sD + stage * BM;
 
-    // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for this warp's 16 keys × BM queries.
-    float s[BM / 8][4], dp[BM / 8][4];
+    {  // Phase 1: S and dP for 32 queries × KW1 keys, then P and dS (input dtype) to shared memory.
+      float s[2][KW1 / 8][4], dp[2][KW1 / 8][4];
 #pragma unroll
-    for (int n = 0; n < BM / 8; ++n)
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
+        for (int n = 0; n < KW1 / 8; ++n)
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      u32 ak[4], av[4];
-      ldsm_x4(ak, ka + 2 * kk * 16);
-      ldsm_x4(av, va + 2 * kk * 16);
+          for (int e = 0; e < 4; ++e) s[mi][n][e] = dp[mi][n][e] = 0.f;
+#pragma unroll 1
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 aq[2][4], ao[2][4];
 #pragma unroll
-      for (int nb = 0; nb < BM / 16; ++nb) {
-        u32 bq[4], bo[4];
-        ldsm_x4(bq, qb + so + 2 * (nb * 16 * LD + kk * 16));
-        ldsm_x4(bo, ob + so + 2 * (nb * 16 * LD + kk * 16));
-        Ops<T>::mma(s[2 * nb], ak, bq[0], bq[1]);
-        Ops<T>::mma(s[2 * nb + 1], ak, bq[2], bq[3]);
-        Ops<T>::mma(dp[2 * nb], av, bo[0], bo[1]);
-        Ops<T>::mma(dp[2 * nb + 1], av, bo[2], bo[3]);
-      }
-    }
-
-    // P = 2^(S·scale_log2 − L) (0 where masked), dS = P∘(dP − delta); rows of the fragments are keys.
-    const bool mixed = tile_class(t) == 2;
+        for (int mi = 0; mi < 2; ++mi) {
+          ldsm_x4(aq[mi], qa + so + 2 * (mi * 16 * LD + kk * 16));
+          ldsm_x4(ao[mi], oa + so + 2 * (mi * 16 * LD + kk * 16));
+        }
 #pragma unroll
-    for (int hr = 0; hr < 2; ++hr) {
-      const int j = j0 + krow + lane / 4 + 8 * hr;
-      const int kp = mixed ? ks.pos(min(j, Sk - 1)) : 0;
+        for (int nb = 0; nb < KW1 / 16; ++nb) {
+          u32 bk[4], bv[4];
+          ldsm_x4(bk, kb + 2 * (nb * 16 * LD + kk * 16));
+          ldsm_x4(bv, vb + 2 * (nb * 16 * LD + kk * 16));
 #pragma unroll
-      for (int n = 0; n < BM / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int m = n * 8 + 2 * (lane % 4) + e;
-          float p = ex2(s[n][2 * hr + e] * scale_log2 - sLs[m]);
-          if (mixed) {
-            const int i = min(i0 + m, Sq - 1);
-            if (j >= Sk || !mask.allowed(qs.pos(i), kp, i, min(j, Sk - 1))) p = 0.f;
+          for (int mi = 0; mi < 2; ++mi) {
+            Ops<T>::mma(s[mi][2 * nb], aq[mi], bk[0], bk[1]);
+            Ops<T>::mma(s[mi][2 * nb + 1], aq[mi], bk[2], bk[3]);
+            Ops<T>::mma(dp[mi][2 * nb], ao[mi], bv[0], bv[1]);
+            Ops<T>::mma(dp[mi][2 * nb + 1], ao[mi], bv[2], bv[3]);
           }
-          s[n][2 * hr + e] = p;
-          dp[n][2 * hr + e] = p * (dp[n][2 * hr + e] - sDs[m]);
+        }
+      }
+      // P = 2^(S·scale_log2 − L) (0 where masked), dS = P∘(dP − delta); fragment rows are queries.
+      const bool mixed = tile_class(t) == 2;
+#pragma unroll
+      for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          const int r = m1 + mi * 16 + lane / 4 + 8 * hr, i = min(i0 + r, Sq - 1);
+          const float lr = sLs[r], dr = sDs[r];
+          const int qp = mixed ? qs.pos(i) : 0;
+#pragma unroll
+          for (int n = 0; n < KW1 / 8; ++n) {
+            float pe[2], dse[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              float p = ex2(s[mi][n][2 * hr + e] * scale_log2 - lr);
+              if (mixed) {
+                const int j = j0 + n1 + n * 8 + 2 * (lane % 4) + e;
+                if (j >= Sk || !mask.allowed(qp, ks.pos(min(j, Sk - 1)), i, min(j, Sk - 1))) p = 0.f;
+              }
+              pe[e] = p;
+              dse[e] = p * (dp[mi][n][2 * hr + e] - dr);
+            }
+            const int off = r * LP + n1 + n * 8 + 2 * (lane % 4);
+            *reinterpret_cast<u32*>(sP + off) = Ops<T>::pack(pe[0], pe[1]);
+            *reinterpret_cast<u32*>(sdS + off) = Ops<T>::pack(dse[0], dse[1]);
+          }
         }
     }
+    __syncthreads();  // P, dS complete
 
-    // dV += Pᵀ·dO and dK += dSᵀ·Q (P, dS rounded to the input dtype); dSᵀ to shared for dQ.
+    // Phase 2: dV += Pᵀ·dO, dK += dSᵀ·Q over the BM queries.
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk) {
-      u32 pa[4], da[4];
-      pa[0] = Ops<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Ops<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Ops<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Ops<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      da[0] = Ops<T>::pack(dp[2 * kk][0], dp[2 * kk][1]);
-      da[1] = Ops<T>::pack(dp[2 * kk][2], dp[2 * kk][3]);
-      da[2] = Ops<T>::pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-      da[3] = Ops<T>::pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-      u32* row0 = reinterpret_cast<u32*>(sdS + (krow + lane / 4) * LDS + kk * 16 + 2 * (lane % 4));
-      u32* row8 = reinterpret_cast<u32*>(sdS + (krow + lane / 4 + 8) * LDS + kk * 16 + 2 * (lane % 4));
-      row0[0] = da[0];
-      row8[0] = da[1];
-      row0[4] = da[2];
-      row8[4] = da[3];
+      u32 ap[2][4], ad[2][4];
 #pragma unroll
-      for (int nd = 0; nd < D / 16; ++nd) {
+      for (int mi = 0; mi < 2; ++mi) {
+        ldsm_x4_t(ap[mi], pta + 2 * (kk * 16 * LP + mi * 16));
+        ldsm_x4_t(ad[mi], dsta + 2 * (kk * 16 * LP + mi * 16));
+      }
+#pragma unroll
+      for (int nd = 0; nd < DW2 / 16; ++nd) {
         u32 bo[4], bq[4];
         ldsm_x4_t(bo, obt + so + 2 * (kk * 16 * LD + nd * 16));
         ldsm_x4_t(bq, qbt + so + 2 * (kk * 16 * LD + nd * 16));
-        Ops<T>::mma(dv[2 * nd], pa, bo[0], bo[1]);
-        Ops<T>::mma(dv[2 * nd + 1], pa, bo[2], bo[3]);
-        Ops<T>::mma(dk[2 * nd], da, bq[0], bq[1]);
-        Ops<T>::mma(dk[2 * nd + 1], da, bq[2], bq[3]);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          Ops<T>::mma(dv[mi][2 * nd], ap[mi], bo[0], bo[1]);
+          Ops<T>::mma(dv[mi][2 * nd + 1], ap[mi], bo[2], bo[3]);
+          Ops<T>::mma(dk[mi][2 * nd], ad[mi], bq[0], bq[1]);
+          Ops<T>::mma(dk[mi][2 * nd + 1], ad[mi], bq[2], bq[3]);
+        }
       }
     }
-    __syncthreads();  // dSᵀ complete
 
-    // dQ (BM × D) += scale · dS · K over this block's keys.
-    {
-      float dq[DW / 8][4];
+    {  // Phase 3: dQ (32 queries × DW3 dims per warp) += scale · dS · K, reduced into dq_acc.
+      float dq[2][DW3 / 8][4];
 #pragma unroll
-      for (int n = 0; n < DW / 8; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
+        for (int n = 0; n < DW3 / 8; ++n) dq[mi][n][0] = dq[mi][n][1] = dq[mi][n][2] = dq[mi][n][3] = 0.f;
+#pragma unroll 1
       for (int kk = 0; kk < BN / 16; ++kk) {
-        u32 a[4];
-        ldsm_x4_t(a, dsa + 2 * (kk * 16 * LDS));
+        u32 a[2][4];
 #pragma unroll
-        for (int nd = 0; nd < DW / 16; ++nd) {
+        for (int mi = 0; mi < 2; ++mi) ldsm_x4(a[mi], dsa + 2 * (mi * 16 * LP + kk * 16));
+#pragma unroll
+        for (int nd = 0; nd < DW3 / 16; ++nd) {
           u32 bk[4];
           ldsm_x4_t(bk, kbt + 2 * (kk * 16 * LD + nd * 16));
-          Ops<T>::mma(dq[2 * nd], a, bk[0], bk[1]);
-          Ops<T>::mma(dq[2 * nd + 1], a, bk[2], bk[3]);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            Ops<T>::mma(dq[mi][2 * nd], a[mi], bk[0], bk[1]);
+            Ops<T>::mma(dq[mi][2 * nd + 1], a[mi], bk[2], bk[3]);
+          }
         }
       }
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int i = i0 + dq_m + lane / 4 + 8 * hr;
-        if (i >= Sq) continue;
-        float* row = dq_acc + ((long long)b * Sq + i) * q_stride + h * D + dq_n + 2 * (lane % 4);
+      for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int n = 0; n < DW / 8; ++n) {
-          atomicAdd(row + n * 8, dq[n][2 * hr] * scale);
-          atomicAdd(row + n * 8 + 1, dq[n][2 * hr + 1] * scale);
+        for (int hr = 0; hr < 2; ++hr) {
+          const int i = i0 + m3 + mi * 16 + lane / 4 + 8 * hr;
+          if (i >= Sq) continue;
+          float* row = dq_acc + ((long long)b * Sq + i) * q_stride + h * D + d3 + 2 * (lane % 4);
+#pragma unroll
+          for (int n = 0; n < DW3 / 8; ++n)
+            red_add2(row + n * 8, dq[mi][n][2 * hr] * scale, dq[mi][n][2 * hr + 1] * scale);
         }
-      }
     }
-    __syncthreads();  // sdS, and this stage's Q/dO, are rewritten next
+    __syncthreads();  // P, dS and this stage's Q/dO are rewritten next
     stage ^= 1;
     w = wn;
   }
@@ -225,22 +259,24 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
   // dK/dV partials of this block's keys: one read-add-write each (the block owns them).
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int j = j0 + krow + lane / 4 + 8 * hr;
-    if (j >= Sk) continue;
-    float* rk = dkv + ((long long)b * Sk + j) * k_stride + hk * D + 2 * (lane % 4);
-    float* rv = rk + (long long)B * Sk * k_stride;
+  for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      float2 x = *reinterpret_cast<float2*>(rk + n * 8), y = *reinterpret_cast<float2*>(rv + n * 8);
-      x.x += dk[n][2 * hr] * scale;
-      x.y += dk[n][2 * hr + 1] * scale;
-      y.x += dv[n][2 * hr];
-      y.y += dv[n][2 * hr + 1];
-      *reinterpret_cast<float2*>(rk + n * 8) = x;
-      *reinterpret_cast<float2*>(rv + n * 8) = y;
+    for (int hr = 0; hr < 2; ++hr) {
+      const int j = j0 + n2 + mi * 16 + lane / 4 + 8 * hr;
+      if (j >= Sk) continue;
+      float* rk = dkv + ((long long)b * Sk + j) * k_stride + hk * D + d2 + 2 * (lane % 4);
+      float* rv = rk + (long long)B * Sk * k_stride;
+#pragma unroll
+      for (int n = 0; n < DW2 / 8; ++n) {
+        float2 x = *reinterpret_cast<float2*>(rk + n * 8), y = *reinterpret_cast<float2*>(rv + n * 8);
+        x.x += dk[mi][n][2 * hr] * scale;
+        x.y += dk[mi][n][2 * hr + 1] * scale;
+        y.x += dv[mi][n][2 * hr];
+        y.y += dv[mi][n][2 * hr + 1];
+        *reinterpret_cast<float2*>(rk + n * 8) = x;
+        *reinterpret_cast<float2*>(rv + n * 8) = y;
+      }
     }
-  }
 }
 
 #define BWD_ENTRY(NAME, T)                                                                                     \
@@ -252,7 +288,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                               \
     Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                               \
     MaskInfo mask = {left, right, q_doc, k_doc};                                                                \
-    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM>(q, kv, dout, lse, delta, dq_acc, dkv, B, H, Hkv, Sq, Sk,        \
+    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN>(q, kv, dout, lse, delta, dq_acc, dkv, B, H, Hkv, Sq, Sk,        \
                                                scale_log2, scale, qs, ks, mask);                               \
   }
 

@@ -60,12 +60,15 @@ __device__ __forceinline__ void attn_fwd_body(
     const int c = mask.classify(qlo, qhi, klo, khi);
     return (c == 1 && t * BN + BN > Sk) ? 2 : c;  // the ragged last tile masks its padding
   };
+  // Keys that may meet this query tile have positions in [qlo − left, qhi + right].
+  const Sweep sweep = {ks, Sk, BN, qlo - mask.left, qhi + mask.right};
+  const int t_end = sweep.end();
   auto next_tile = [&](int t) {
-    while (t < nkt && tile_class(t) == 0) ++t;
-    return t;
+    while (t < t_end && tile_class(t) == 0) ++t;
+    return t < t_end ? t : nkt;
   };
 
-  int t = next_tile(0);
+  int t = next_tile(sweep.first());
   if (t >= nkt && !first && !last) return;  // nothing to add, state unchanged
 
   // Per thread: rows r(mi, hr) = warp·16·MI + mi·16 + lane/4 + 8·hr; columns n·8 + 2·(lane%4) + {0,1}.

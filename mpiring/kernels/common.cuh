@@ -107,6 +107,16 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
+// p[0] += a, p[1] += b in global memory, atomically (one vector reduction on sm_90).
+__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  atomicAdd(p, a);
+  atomicAdd(p + 1, b);
+#endif
+}
+
 // Shared-memory row pitch: D + 8 elements shifts consecutive rows by 16 bytes, so
 // the 8 rows of an ldmatrix (and of a cp.async wave) hit 8 different 16-byte bank groups.
 template <int D> struct Pitch { static const int value = D + 8; };
@@ -144,6 +154,24 @@ struct Segs {
       lo = min(pos(i0), start1);
       hi = max(pos(len0 - 1), pos(i1 - 1));
     }
+  }
+};
+
+// The tiles (of `tile` rows, over local rows [0, n)) of one side that may meet the
+// other side's allowed position range [lo, hi]: with one segment (positions increase)
+// they lie in [first(), end()); with two segments every tile is a candidate. Computed
+// once per block, so the tile loop carries one bound, not the segment arithmetic.
+struct Sweep {
+  Segs segs;
+  int n, tile, lo, hi;
+  __device__ __forceinline__ int first() const {
+    if (segs.len0 < n || lo <= segs.start0) return 0;
+    return min((lo - segs.start0) / segs.stride0 / tile, (n + tile - 1) / tile);
+  }
+  __device__ __forceinline__ int end() const {
+    if (segs.len0 < n) return (n + tile - 1) / tile;
+    if (hi < segs.start0) return 0;
+    return min((hi - segs.start0) / segs.stride0 / tile + 1, (n + tile - 1) / tile);
   }
 };
 
