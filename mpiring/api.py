@@ -144,6 +144,7 @@ class _Call:
     k_segs: list  # k_segs[r]: segments of rank r's K/V block
     active: tuple  # active[s]: step s has work
     timeout: float | None = None  # seconds per ring wait; None waits forever
+    layout: str = "contiguous"
 
 
 def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
@@ -222,7 +223,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
                           steps=sum(active))
-    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active, timeout)
+    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active, timeout, layout)
 
 
 def _arrive(comm, fn: str, timeout) -> None:
@@ -301,9 +302,27 @@ def _agree_allocated(comm, fn: str, allocate, estimate=None):
     if failures:
         result = None  # free what this rank did allocate before raising
         asked = ", ".join(f"rank {r}" + (f" ({b:,} bytes requested)" if b else "") for r, b in failures)
-        total = "" if estimate is None else f"; the call needs about {estimate():,} bytes per rank"
+        needed = None if estimate is None else estimate()
+        total = "" if needed is None else f"; the call needs about {needed:,} bytes per rank (memory_estimate)"
         raise MemoryError(f"{fn}: allocating the ring buffers failed on {asked}{total}")
     return result
+
+
+def _estimate(call: _Call, q, k, backward: bool) -> int | None:
+    """:func:`mpiring.memory_estimate` for this call (None if it can't say): the same on
+    every rank, since shapes and options are agreed."""
+    from mpiring.memory import memory_estimate  # only on the failure path
+
+    m = call.mask
+    window = None if m.left is None and m.right is None else (m.left, m.right)
+    try:
+        return memory_estimate(
+            q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], q.dtype, layout=call.layout,
+            transport=call.transport or "auto", backward=backward, array=_array_kind(q), causal=m.causal,
+            window=window, cu_seqlens=m.cu_seqlens, comm_size=call.comm.Get_size(),
+        )
+    except (TypeError, ValueError):
+        return None
 
 
 def _requested_bytes(exc: MemoryError) -> int | None:
@@ -380,7 +399,7 @@ def _forward(call: _Call, q, k, v):
         kv = be.pack_kv(k, v)
         return state, [kv, be.empty_like(kv) if size > 1 else None]
 
-    state, kv = _agree_allocated(call.comm, "ring_attention", allocate)
+    state, kv = _agree_allocated(call.comm, "ring_attention", allocate, lambda: _estimate(call, q, k, False))
     fence = None  # the last compute step's completion (GPU: an event; NumPy: None)
     for s in range(size):
         cur, nxt = kv[s % 2], kv[(s + 1) % 2]
@@ -440,7 +459,8 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
         # rank+1 and one receives rank−1's partial sum (rotation proven in the loop).
         return state, kv, [be.zeros_dkv(kv0) for _ in range(3 if size > 1 else 1)]
 
-    state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate)
+    state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate,
+                                      lambda: _estimate(call, q, k, True))
     fence, ex_dkv = None, None
     for s in range(size):
         cur, nxt = kv[s % 2], kv[(s + 1) % 2]
