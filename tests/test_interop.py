@@ -28,6 +28,17 @@ def load_example(name: str):
     return module
 
 
+def pointer(x) -> int:
+    """Address of the first element of a NumPy, CuPy, torch or JAX array."""
+    if isinstance(x, np.ndarray):
+        return x.ctypes.data
+    if hasattr(x, "data_ptr"):  # torch
+        return x.data_ptr()
+    if hasattr(x, "unsafe_buffer_pointer"):  # JAX
+        return x.unsafe_buffer_pointer()
+    return x.data.ptr  # CuPy
+
+
 class Producer:
     """A minimal DLPack producer (not NumPy, CuPy, torch or JAX) around an array."""
 

@@ -3,13 +3,14 @@ buffer is 64-byte aligned, as XLA requires), bfloat16, and examples/jax_interop.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
 import pytest
 from helpers import random_problem
 from ml_dtypes import bfloat16
-from test_interop import load_example
+from test_interop import load_example, pointer
 
 import mpiring
 
@@ -19,22 +20,14 @@ import jax.numpy as jnp  # noqa: E402 - only with jax
 
 
 def gpu_devices():
+    """JAX's GPUs, where CuPy is there to compute on them."""
     try:
-        return jax.devices("gpu") if __import__("importlib").util.find_spec("cupy") else []
+        return jax.devices("gpu") if importlib.util.find_spec("cupy") else []
     except RuntimeError:  # no GPU backend
         return []
 
 
 DEVICES = [jax.devices("cpu")[0]] + gpu_devices()[:1]
-
-
-def pointer(x) -> int:
-    """Address of a NumPy, CuPy or JAX array's first element."""
-    if isinstance(x, np.ndarray):
-        return x.ctypes.data
-    if isinstance(x, jax.Array):
-        return x.unsafe_buffer_pointer()
-    return x.data.ptr
 
 
 def aligned_empty(shape, dtype, alignment=64):

@@ -4,32 +4,25 @@ sequence sharded (examples/torch_training_step.py) against SDPA unsharded."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 from helpers import random_problem
-from test_interop import load_example
+from test_interop import load_example, pointer
 
 import mpiring
 
 torch = pytest.importorskip("torch", reason="needs PyTorch (pip install torch==2.13.0 for the CPU build)")
 import mpiring.torch  # noqa: E402 - only with torch
 
-CUDA = torch.cuda.is_available() and __import__("importlib").util.find_spec("cupy") is not None
+CUDA = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA device and CuPy")
 
 
 def device_for(comm, device: str) -> str:
     return f"cuda:{comm.Get_rank() % torch.cuda.device_count()}" if device == "cuda" else device
-
-
-def pointer(x) -> int:
-    """Address of a NumPy, CuPy or torch array's first element."""
-    if isinstance(x, np.ndarray):
-        return x.ctypes.data
-    if isinstance(x, torch.Tensor):
-        return x.data_ptr()
-    return x.data.ptr
 
 
 @pytest.mark.serial
