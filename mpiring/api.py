@@ -359,10 +359,12 @@ def ring_attention(
         every rank); attention never crosses a document.
     transport : ``"auto"``, a transport name, or a :class:`mpiring.transport.Transport`.
     return_lse : also return the log-sum-exp.
-    timeout : seconds any one ring exchange may take before this rank raises
-        :class:`TimeoutError` (default None: wait forever). For a rank that died or
-        never called; after a timeout the communicator's ring messages are out of step,
-        so end the job (or never use ``comm`` with mpiring again).
+    timeout : seconds to wait for every rank to arrive, and for any one ring exchange,
+        before this rank raises :class:`TimeoutError` (default None: wait forever). For a
+        rank that died or never called; after a timeout the communicator's ring messages
+        are out of step, so end the job (or never use ``comm`` with mpiring again). Not
+        covered: the first call on a communicator, which duplicates it (a blocking
+        ``MPI_Comm_dup``).
 
     Returns
     -------
