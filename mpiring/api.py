@@ -27,6 +27,7 @@ __all__ = ["ring_attention", "ring_attention_backward", "private_comm"]
 
 _TAG_KV, _TAG_DKV = 71, 72
 _KEYVAL = MPI.KEYVAL_INVALID
+_FORWARD = object()  # _prepare's lse for a forward call (backward's lse=None must be caught)
 
 
 def private_comm(comm):
@@ -148,7 +149,7 @@ class _Call:
 
 
 def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
-             lse=None, problem=None):
+             lse=_FORWARD, problem=None):
     comm = _resolve_comm(comm, fn)
     pcomm = private_comm(comm)
     _arrive(pcomm, fn, timeout)
@@ -177,7 +178,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
                 ValueError,
                 f"seqlen_q={q.shape[1]} and seqlen_k={k.shape[1]} must be equal with causal, window or cu_seqlens",
             )
-        if lse is not None:
+        if lse is not _FORWARD:
             _check_lse(lse, q)
         if timeout is not None and (
             not isinstance(timeout, (int, float, np.integer, np.floating)) or not 0 < timeout < math.inf
@@ -259,6 +260,8 @@ def _check_lse(lse, q) -> None:
     if _array_kind(lse) != _array_kind(q) or tuple(lse.shape) != want:
         raise _LocalError(ValueError, f"lse must be a {_array_kind(q)} array of shape {want}, got "
                           f"{type(lse).__name__} {tuple(getattr(lse, 'shape', ()))}")
+    if np.dtype(lse.dtype) not in SUPPORTED_DTYPES:  # an integer lse would be cast silently
+        raise _LocalError(TypeError, f"lse.dtype={dtype_name(lse.dtype)} must be floating (float32 as returned)")
 
 
 def _make_mask(causal, window, cu_seqlens, seqlen_global: int) -> _layout.Mask:

@@ -78,14 +78,28 @@ def test_one_rank_differs(comm, name, exc, match, deviation):
         assert f"(on rank {comm.Get_size() - 1})" in str(err)
 
 
-def test_one_rank_differs_in_backward(comm):
-    """Backward inputs: one rank's ``out`` has another dtype."""
+BACKWARD_ONE_RANK_DIFFERS = [
+    ("out dtype", TypeError, "out.dtype=float64 differs from q.dtype=float32",
+     lambda out, lse: {"out": out.astype(np.float64)}),
+    ("lse None", ValueError, "lse must be a numpy array of shape (1, 2, 4), got NoneType",
+     lambda out, lse: {"lse": None}),
+    ("lse int", TypeError, "lse.dtype=int8 must be floating", lambda out, lse: {"lse": lse.astype(np.int8)}),
+    ("lse 2-D", ValueError, "lse must be a numpy array of shape (1, 2, 4)", lambda out, lse: {"lse": lse[0]}),
+    ("out list", TypeError, "out must be a", lambda out, lse: {"out": out.tolist()}),
+]
+
+
+@pytest.mark.parametrize("name,exc,match,deviation", BACKWARD_ONE_RANK_DIFFERS,
+                         ids=[c[0] for c in BACKWARD_ONE_RANK_DIFFERS])
+def test_one_rank_differs_in_backward(comm, name, exc, match, deviation):
+    """Backward inputs: one rank's out or lse is wrong (lse=None used to hang the others)."""
     a = arrays()
     out, lse = mpiring.ring_attention(comm=comm, **a)
+    call = {**a, "dout": a["q"], "out": out, "lse": lse}
     if comm.Get_rank() == comm.Get_size() - 1:
-        out = out.astype(np.float64)
-    assert_raises_everywhere(comm, TypeError, "out.dtype=float64 differs from q.dtype=float32",
-                             lambda: mpiring.ring_attention_backward(a["q"], comm=comm, out=out, lse=lse, **a))
+        call.update(deviation(out, lse))
+    err = assert_raises_everywhere(comm, exc, match, lambda: mpiring.ring_attention_backward(comm=comm, **call))
+    assert f"(on rank {comm.Get_size() - 1})" in str(err)
 
 
 # --- bad on every rank ---------------------------------------------------------------------
