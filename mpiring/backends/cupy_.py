@@ -55,7 +55,10 @@ _NEG_INF = float("-inf")
 
 
 def kernel_applies(dtype, head_dim: int, mask: Mask | None = None, seqlen_global: int = 0) -> bool:
-    """True where the CUDA kernels cover the call (else the cuBLAS blockwise fallback runs)."""
+    """True where the CUDA kernels cover the call: float16/bfloat16, head dims 32, 64, 96,
+    128 (64 and 128 tuned), no ``cu_seqlens``, fewer than 2**29 tokens. Elsewhere (float32 —
+    full fp32, not tf32 —, float64, head dim 256, documents) the blockwise backend runs
+    on CuPy through cuBLAS: correct, slower."""
     return (
         np.dtype(dtype) in KERNEL_DTYPES
         and head_dim in TILES
@@ -115,8 +118,9 @@ def _segs(segs: tuple[Segment, ...], length: int):
 
 
 def _mask_args(mask: Mask):
-    left = NO_BOUND if mask.left is None else mask.left
-    right = NO_BOUND if mask.right_bound is None else mask.right_bound
+    # A window wider than any distance is no bound (and must fit the kernels' int32).
+    left = NO_BOUND if mask.left is None else min(mask.left, NO_BOUND)
+    right = NO_BOUND if mask.right_bound is None else min(mask.right_bound, NO_BOUND)
     null = np.uint64(0)  # per-position document ids: not yet (issue 5)
     return (np.int32(left), np.int32(right), null, null)
 

@@ -162,6 +162,7 @@ __device__ __forceinline__ void attn_fwd_body(
       }
 
     // Online softmax: new running max, rescale the accumulators, P = 2^(S − max).
+    float alphas[MI][2];
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -185,12 +186,24 @@ __device__ __forceinline__ void attn_fwd_body(
             sum += p;
           }
         l_r[mi][hr] = l_r[mi][hr] * alpha + sum;
+        alphas[mi][hr] = alpha;
+      }
+    // Once the running maxima settle (most tiles of a long row), alpha is exactly 1 in
+    // the whole warp: skip the D/2·MI multiplies per thread (the result is bitwise the same).
+    bool settled = true;
+#pragma unroll
+    for (int mi = 0; mi < MI; ++mi) settled = settled && alphas[mi][0] == 1.f && alphas[mi][1] == 1.f;
+    if (!__all_sync(0xffffffffu, settled)) {
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int n = 0; n < D / 8; ++n) {
-          o[mi][n][2 * hr] *= alpha;
-          o[mi][n][2 * hr + 1] *= alpha;
+          o[mi][n][0] *= alphas[mi][0];
+          o[mi][n][1] *= alphas[mi][0];
+          o[mi][n][2] *= alphas[mi][1];
+          o[mi][n][3] *= alphas[mi][1];
         }
-      }
+    }
 
     // O += P·V, P rounded to the input dtype (register C fragments become A fragments).
 #pragma unroll
