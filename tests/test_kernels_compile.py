@@ -8,8 +8,11 @@ here is what CuPy compiles on the GPU.
 
 import ctypes
 
+import numpy as np
 import pytest
+from ml_dtypes import bfloat16
 
+from mpiring import layout as L
 from mpiring.backends import cupy_
 
 pytestmark = pytest.mark.serial
@@ -65,3 +68,18 @@ def test_nvrtc_reports_errors(nvrtc):
     """The check can fail: a broken kernel does not compile."""
     rc, log = _compile(nvrtc, "broken.cu", 'extern "C" __global__ void f() { undefined_name(); }', [])
     assert rc != 0 and "undefined_name" in log
+
+
+@pytest.mark.parametrize("dtype,head_dim,mask,seqlen,expected", [
+    ("bfloat16", 128, L.make_mask(True, 64), 1 << 20, True),
+    ("float16", 64, None, 100, True),
+    ("float16", 96, None, 100, True),
+    ("float32", 64, None, 100, False),  # full fp32 through cuBLAS, not tf32
+    ("bfloat16", 256, None, 100, False),
+    ("bfloat16", 80, None, 100, False),
+    ("bfloat16", 64, L.make_mask(False, None, [0, 50, 100]), 100, False),  # documents: issue 5
+    ("bfloat16", 64, None, 1 << 29, False),  # positions must fit the kernels' int32 arithmetic
+])
+def test_kernel_applies(dtype, head_dim, mask, seqlen, expected):
+    dtype = bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    assert cupy_.kernel_applies(dtype, head_dim, mask, seqlen) is expected

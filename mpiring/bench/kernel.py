@@ -89,7 +89,12 @@ def _parse_tiles(text):
 
 
 def run(args) -> int:
-    import cupy
+    try:
+        import cupy
+    except ImportError:
+        raise SystemExit("the kernel bench needs CuPy and a CUDA GPU: pip install 'mpiring[cuda13]'") from None
+    if not cupy.is_available():
+        raise SystemExit("the kernel bench needs a CUDA GPU (cupy.is_available() is False)")
     from mpi4py import MPI
 
     import mpiring
