@@ -436,14 +436,18 @@ class JitteryTransport(MpiHostTransport):
         super()._wait(exchange, deadline)
 
 
+@pytest.mark.parametrize("xp", ARRAY_MODULES)
 @pytest.mark.parametrize("dtype", [np.float32, bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout,options", [("zigzag", {"causal": True}), ("striped", {"window": (7, 2)}),
                                             ("contiguous", {})])
-def test_deterministic(comm, seed, dtype, layout, options):
-    """Bitwise identical outputs and gradients across repeated runs and across transports."""
+def test_deterministic(comm, seed, xp, dtype, layout, options):
+    """Bitwise identical outputs and gradients across repeated runs and across transports
+    (NumPy: auto, mpi-host and a jittery host transport; CuPy: repeated runs, head_dim 64
+    so that the CUDA kernels run where they cover the dtype)."""
     size = comm.Get_size()
-    q, k, v, dout = (mpiring.shard(x, comm, layout=layout)
-                     for x in random_problem(seed, 2, 8 * size, 4, 2, 16, dtype))
+    head_dim = 16 if xp is np else 64
+    q, k, v, dout = (xp.asarray(mpiring.shard(x, comm, layout=layout))
+                     for x in random_problem(seed, 2, 8 * size, 4, 2, head_dim, dtype))
 
     def run(transport):
         out, lse = mpiring.ring_attention(q, k, v, comm, layout=layout, transport=transport, **options)
@@ -451,11 +455,11 @@ def test_deterministic(comm, seed, dtype, layout, options):
                                                 **options)
         return [out, lse, *grads]
 
-    first = run("auto")
-    again = run("mpi-host")
-    jittery = run(JitteryTransport(private_comm(comm), seed))
-    same = all(bitwise_equal(a, b) and bitwise_equal(a, c) for a, b, c in zip(first, again, jittery))
-    agree(comm, None if same else "results differ bitwise between runs or transports")
+    transports = ["auto", "mpi-host", JitteryTransport(private_comm(comm), seed)] if xp is np else ["auto"] * 3
+    first, *others = (run(t) for t in transports)
+    differ = [name for other in others for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, other)
+              if not bitwise_equal(a, b)]
+    agree(comm, f"{sorted(set(differ))} differ bitwise between runs or transports" if differ else None)
     assert all(np.isfinite(to_numpy(x).astype(np.float32)).all() for x in first)
 
 
