@@ -65,11 +65,14 @@ def outcome_everywhere(comm, fn):
 
 
 def check_quietly(fn) -> str | None:
-    """``fn()``'s AssertionError as text (None if it passed), for :func:`agree`."""
+    """What ``fn()`` raised, as text (None if it passed), for :func:`agree`: an unexpected
+    exception on one rank must fail every rank too, not leave them in the next collective."""
     try:
         fn()
     except AssertionError as exc:
         return (str(exc) or repr(exc))[:400]  # numpy's reports carry whole arrays
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {str(exc)[:400]}"
     return None
 
 
