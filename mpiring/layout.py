@@ -29,6 +29,7 @@ __all__ = [
     "segments",
     "positions",
     "step_schedule",
+    "segments_have_work",
     "block_has_work",
     "shard",
     "unshard",
@@ -126,8 +127,7 @@ def segments(layout: str, rank: int, size: int, seqlen_local: int) -> tuple[Segm
 
 def positions(layout: str, rank: int, size: int, seqlen_local: int) -> np.ndarray:
     """Global token positions (int64, length ``seqlen_local``) held by ``rank``."""
-    segs = segments(layout, rank, size, seqlen_local)
-    return np.concatenate([s.start + s.stride * np.arange(s.length, dtype=np.int64) for s in segs])
+    return _expand(segments(layout, rank, size, seqlen_local))
 
 
 def block_has_work(qpos: np.ndarray, kpos: np.ndarray, mask: Mask) -> bool:
@@ -148,17 +148,65 @@ def block_has_work(qpos: np.ndarray, kpos: np.ndarray, mask: Mask) -> bool:
     return bool(np.any(counts > 0))
 
 
+def segments_have_work(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...], mask: Mask) -> bool:
+    """:func:`block_has_work` on segments, without expanding them where it can.
+
+    Two stride-1 segments need one interval test: with ``left, right ≥ 0`` the keys
+    that some query of ``[qa, qb]`` may see form the single interval
+    ``[qa − left, qb + right]``. With one side unbounded that region is a half-line
+    for any strides (causal: some key ≤ the last query + right). Otherwise a strided
+    segment (striped layout with a two-sided window) counts, per query,
+    the key indices ``j`` with ``lo ≤ start + stride·j ≤ hi`` in closed form. Documents
+    (``cu_seqlens``) take the exact search on positions.
+    """
+    q_segs = tuple(s for s in q_segs if s.length > 0)
+    k_segs = tuple(s for s in k_segs if s.length > 0)
+    if not q_segs or not k_segs:
+        return False
+    if mask.is_full:
+        return True
+    if mask.cu_seqlens is not None:
+        return block_has_work(_expand(q_segs), _expand(k_segs), mask)
+    left, right = mask.left, mask.right_bound
+    for qs in q_segs:
+        for ks in k_segs:
+            if left is None:
+                if ks.start <= qs.last + right:
+                    return True
+                continue
+            if right is None:
+                if ks.last >= qs.start - left:
+                    return True
+                continue
+            if qs.stride == 1 and ks.stride == 1:
+                if max(ks.start, qs.start - left) <= min(ks.last, qs.last + right):
+                    return True
+                continue
+            q = qs.start + qs.stride * np.arange(qs.length, dtype=np.int64)
+            lo, hi = q - left, q + right
+            j_lo = np.maximum(-((ks.start - lo) // ks.stride), 0)  # ceil((lo − start) / stride)
+            j_hi = np.minimum((hi - ks.start) // ks.stride, ks.length - 1)
+            if np.any(j_lo <= j_hi):
+                return True
+    return False
+
+
+def _expand(segs: tuple[Segment, ...]) -> np.ndarray:
+    return np.concatenate([s.start + s.stride * np.arange(s.length, dtype=np.int64) for s in segs])
+
+
 def step_schedule(
     layout: str, rank: int, size: int, seqlen_q: int, seqlen_k: int, mask: Mask
 ) -> tuple[bool, ...]:
     """For ring step s (K/V of rank ``(rank − s) mod size`` in hand): is there any work?
 
     Steps that are fully masked are skipped by the ring loop, but their K/V still
-    travels so that the ring stays in lockstep.
+    travels so that the ring stays in lockstep. Exact, and O(1) per step for the
+    contiguous and zigzag layouts without documents.
     """
-    qpos = positions(layout, rank, size, seqlen_q)
+    q_segs = segments(layout, rank, size, seqlen_q)
     return tuple(
-        block_has_work(qpos, positions(layout, (rank - s) % size, size, seqlen_k), mask)
+        segments_have_work(q_segs, segments(layout, (rank - s) % size, size, seqlen_k), mask)
         for s in range(size)
     )
 

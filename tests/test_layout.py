@@ -8,7 +8,16 @@ from ml_dtypes import bfloat16
 
 import mpiring
 from mpiring.backends.numpy_ import _TilePairs
-from mpiring.layout import LAYOUTS, Mask, block_has_work, make_mask, positions, segments, step_schedule
+from mpiring.layout import (
+    LAYOUTS,
+    Mask,
+    block_has_work,
+    make_mask,
+    positions,
+    segments,
+    segments_have_work,
+    step_schedule,
+)
 
 
 @pytest.mark.serial
@@ -91,7 +100,7 @@ mask_strategy = st.builds(
 
 
 @pytest.mark.serial
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(mask=mask_strategy, layout=st.sampled_from(LAYOUTS), size=st.integers(1, 4), rank=st.integers(0, 3),
        src=st.integers(0, 3), half=st.integers(1, 8))
 def test_schedule_and_tiles_match_dense_mask(mask, layout, size, rank, src, half):
@@ -104,6 +113,8 @@ def test_schedule_and_tiles_match_dense_mask(mask, layout, size, rank, src, half
     qpos, kpos = positions(layout, rank, size, seqlen_local), positions(layout, src, size, seqlen_local)
     dense = mask.allowed(qpos, kpos)
     assert block_has_work(qpos, kpos, mask) == bool(dense.any())
+    q_segs, k_segs = segments(layout, rank, size, seqlen_local), segments(layout, src, size, seqlen_local)
+    assert segments_have_work(q_segs, k_segs, mask) == bool(dense.any())
     pairs = _TilePairs(np, segments(layout, rank, size, seqlen_local), segments(layout, src, size, seqlen_local),
                        mask, 3, 2)
     for qt in pairs.q_tiles:
