@@ -390,7 +390,8 @@ class MuteTransport(MpiHostTransport):
 
 
 def _time_out_without_rank_0(comm, expected: str, **kwargs) -> None:
-    """Every rank but 0 raises TimeoutError containing ``expected`` within 2.5 s."""
+    """Every rank but 0 raises TimeoutError containing ``expected`` within 5 s (0.3 s per wait;
+    the slack is for loaded CI machines)."""
     needs_ranks(comm)
     dup = comm.Dup()
     private_comm(dup)  # collective: created while everyone is here
@@ -404,7 +405,7 @@ def _time_out_without_rank_0(comm, expected: str, **kwargs) -> None:
                 result = "returned without rank 0"
         except TimeoutError as exc:
             elapsed = time.monotonic() - start
-            if comm.Get_rank() == 0 or elapsed > 2.5 or expected not in str(exc):
+            if comm.Get_rank() == 0 or elapsed > 5.0 or expected not in str(exc):
                 result = f"TimeoutError after {elapsed:.2f} s: {exc}"
     agree(comm, result)
     next_call_works(comm)
