@@ -234,6 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--cpu", action="store_true", help="NumPy even where CuPy and a GPU are present")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write result rows (bench/README.md format) to this path")
     args = p.parse_args(argv)
 
     comm = MPI.COMM_WORLD
@@ -289,11 +290,13 @@ def main(argv=None) -> int:
                                                                      transport=transport, **options), "backward")
     useful = 1.0 if cu_seqlens is None else float((np.diff(cu_seqlens).astype(float) ** 2).sum()) / tokens**2
     unit = "GPU" if xp is not np else "rank"
+    results = []
     for mode, seconds in (("fwd", t_fwd), ("fwd+bwd", t_fwd + t_bwd)):
         if mode == "fwd+bwd" and args.forward_only:
             continue
         flops = attention_flops(1, tokens, tokens, args.heads, args.head_dim, causal=True, mode=mode) * useful
         say(f"{mode}: {seconds:.2f} s, {flops / seconds / size / 1e12:.3g} TF/s per {unit}")
+        results.append({"pass": mode, "time_s": seconds, "tflops_per_gpu": flops / seconds / size / 1e12})
 
     # --- the sampled-row check ------------------------------------------------------------
     start = time.perf_counter()
@@ -327,7 +330,25 @@ def main(argv=None) -> int:
         ok &= sampler_err < 1e-10
         say(f"  sampler vs mpiring.attention_reference: {sampler_err:.1e}")
     say("PASSED" if ok else "FAILED")
+    if args.json and rank == 0:
+        write_json(args, results, checks, lse_err, ok, tokens, size, kind, transport, cu_seqlens)
     return 0 if ok else 1
+
+
+def write_json(args, results, checks, lse_err, ok, tokens, size, kind, transport, cu_seqlens) -> None:
+    from mpiring.bench.common import card_name, make_row, today, write_rows
+
+    errors = {name: rel_err(got, ref) for name, got, ref, _ in checks}
+    tolerances = {name: tolerance(DTYPES[args.dtype], rel_err(lowp, ref)) for name, _, ref, lowp in checks}
+    card = card_name() if kind == "cupy" else "CPU"
+    rows = [make_row(
+        bench="long_context", card=card, date=today(), command=f"mpiexec -n {size} python {' '.join(sys.argv)}",
+        dtype=args.dtype, heads=args.heads, heads_kv=args.heads_kv, head_dim=args.head_dim, seqlen=tokens // size,
+        n_gpus=size, causal=True, layout=args.layout, transport=getattr(transport, "name", transport),
+        total_tokens=tokens, documents=None if cu_seqlens is None else len(cu_seqlens) - 1, samples=args.samples,
+        rel_errors=errors, tolerances=tolerances, lse_max_abs_error=lse_err, passed=bool(ok), **r,
+    ) for r in results]
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ __all__ = ["COMMANDS", "register", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "kernel": ("mpiring.bench.kernel", "one GPU: CUDA kernels vs torch SDPA (FLASH, cuDNN), TF/s"),
     "ring": ("mpiring.bench.ring", "N GPUs under mpiexec: the ring per transport vs torch context parallel, TF/s"),
+    "longctx": ("mpiring.bench.longctx", "memory vs memory_estimate, largest context, varlen vs fixed, step timelines"),
+    "plot": ("mpiring.bench.plots", "figures from result JSON files: --plot DIR FILE.json ..."),
 }
 
 

@@ -55,6 +55,7 @@ def add_arguments(p) -> None:
                         "default stream (CuPy's default), which serialises with Open MPI's CUDA IPC copies")
     p.add_argument("--no-peers", action="store_true", help="skip torch context parallel even if installed")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/ring-<card>-<date>.json)")
+    p.add_argument("--plot", default=None, metavar="DIR", help="also write the figures (mpiring.bench.plots) into DIR")
 
 
 class ComputeOnly(Transport):
@@ -298,6 +299,10 @@ def run(args) -> int:
         path = args.out or os.path.join("bench", "results", f"ring-{card.replace(' ', '_')}-{today()}.json")
         write_rows(path, rows)
         _print_table(rows, notes, path)
+        if args.plot:
+            from mpiring.bench.plots import plot_rows
+
+            print("\n".join(f"wrote {png}" for png in plot_rows(rows, args.plot)))
     return 0
 
 

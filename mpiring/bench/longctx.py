@@ -1,0 +1,394 @@
+"""``python -m mpiring.bench longctx``: memory vs the estimate, the largest context, varlen vs fixed, step timelines.
+
+Run with one rank per GPU (``mpiexec -n 4 python -m mpiring.bench longctx``), or on the
+CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its name):
+
+* ``memory`` (``--memory TOKENS,…`` per rank): the peak of the library's allocations in
+  a forward and in a forward+backward call against :func:`mpiring.memory_estimate`.
+  Measured with tracemalloc (NumPy) or a CuPy memory hook (device bytes in use through
+  CuPy's pool, ``peak_bytes``), plus the pool's growth and ``cudaMemGetInfo``'s (context,
+  NCCL and cuBLAS buffers are outside the pool and outside the estimate). With
+  ``--memory-window W`` the calls use a causal window of W tokens: the backends
+  allocate exactly what a full causal call allocates, at a fraction of the compute, so
+  large sizes fit in a benchmark's time.
+* ``max_context`` (``--max-context``, GPU): the largest tokens per GPU whose inputs and
+  estimated buffers fit in the free device memory, for forward and forward+backward, on
+  all ranks and on one; verified by running it (windowed, as above) and by a run 10 %
+  larger that must raise MemoryError.
+* ``varlen`` (``--varlen TOKENS``): causal attention over packed random documents
+  (``cu_seqlens``) against one sequence of the same total length; TF/s count the
+  documents' own work (Σ length²), so ``ratio`` compares useful throughput.
+* ``timeline`` (``--timeline TOKENS``): one forward+backward ring call per transport;
+  per exchange, the compute it overlaps and the transfer (see ``step_times`` of the GPU
+  transports; on the host, the time from post to wait and the wait itself).
+
+``--plot DIR`` writes the figures of :mod:`mpiring.bench.plots` from the rows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tracemalloc
+
+import numpy as np
+from mpi4py import MPI
+
+import mpiring
+from mpiring.backends import backend_for
+from mpiring.bench.common import attention_flops, command_line, make_row, today, write_rows
+from mpiring.transport.base import Transport
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_TAG_KV, _TAG_DKV = 71, 72  # mpiring.api's exchange tags
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--memory", default="", help="tokens per rank for the memory rows, e.g. 65536,262144")
+    p.add_argument("--memory-window", type=int, default=0, help="causal window of the memory runs (0: full causal)")
+    p.add_argument("--max-context", action="store_true", help="largest tokens per GPU that fit (GPU only)")
+    p.add_argument("--varlen", type=int, default=0, help="tokens per rank of the varlen vs fixed comparison")
+    p.add_argument("--documents", type=int, default=0, help="documents of the varlen run (default: 4 per rank)")
+    p.add_argument("--timeline", type=int, default=0, help="tokens per rank of the per-step timeline")
+    p.add_argument("--transports", default="nccl,mpi-staged", help="GPU transports of the timeline")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads-kv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layout", default="zigzag")
+    p.add_argument("--cpu", action="store_true", help="NumPy arrays (also where a GPU is present)")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/longctx-<card>-<date>.json)")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write the PNG figures into DIR (needs matplotlib)")
+
+
+# --- measuring ------------------------------------------------------------------------------
+class PeakMemory:
+    """Peak bytes allocated inside the ``with`` block, above what was in use at its start.
+
+    NumPy: tracemalloc (NumPy reports its data buffers to it). CuPy: a memory hook on the
+    pool's malloc/free (bytes handed out, rounded as the pool rounds them); also the pool's
+    growth and the device's (``cudaMemGetInfo``) growth.
+    """
+
+    def __init__(self, xp):
+        self.xp = xp
+        self.peak = self.pool_growth = self.device_growth = 0
+
+    def __enter__(self):
+        if self.xp is np:
+            tracemalloc.start()
+            self._base = tracemalloc.get_traced_memory()[0]
+            return self
+        from cupy.cuda import memory_hook
+
+        tracker = self
+
+        class Hook(memory_hook.MemoryHook):
+            name = "mpiring-peak"
+
+            def __init__(self):
+                self.used = 0
+
+            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+                self.used += mem_size
+                tracker.peak = max(tracker.peak, self.used)
+
+            def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+                self.used -= mem_size
+
+        self.xp.cuda.Device().synchronize()
+        self._pool = self.xp.get_default_memory_pool()
+        self._pool.free_all_blocks()
+        self._pool_base = self._pool.total_bytes()
+        self._device_base = self._device_used()
+        self._hook = Hook()
+        self._hook.__enter__()
+        return self
+
+    def _device_used(self) -> int:
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        return total - free
+
+    def __exit__(self, *exc):
+        if self.xp is np:
+            self.peak = tracemalloc.get_traced_memory()[1] - self._base
+            tracemalloc.stop()
+            return False
+        self.xp.cuda.Device().synchronize()
+        self._hook.__exit__(*exc)
+        self.pool_growth = self._pool.total_bytes() - self._pool_base
+        self.device_growth = self._device_used() - self._device_base
+        return False
+
+
+def _module(cpu: bool):
+    if not cpu:
+        try:
+            import cupy
+
+            if cupy.is_available():
+                from mpiring.transport.gpu import select_device
+
+                select_device(MPI.COMM_WORLD)
+                return cupy
+        except ImportError:
+            pass
+    return np
+
+
+def _inputs(xp, seqlen, args, dtype, *, random=True):
+    """q, k, v, dout of one rank ``(1, seqlen, heads|heads_kv, head_dim)``; zeros unless
+    ``random`` (the memory runs: values don't change what is allocated)."""
+    shapes = [(1, seqlen, h, args.head_dim) for h in (args.heads, args.heads_kv, args.heads_kv, args.heads)]
+    if not random:
+        return [xp.zeros(s, dtype) for s in shapes]
+    rng = xp.random.default_rng(0)
+    return [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in shapes]
+
+
+def _run(comm, arrays, mode, **options):
+    q, k, v, dout = arrays
+    out, lse = mpiring.ring_attention(q, k, v, comm, **options)
+    if mode == "fwd+bwd":
+        mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, **options)
+
+
+def _sync(xp) -> None:
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()
+
+
+def _timed(comm, xp, fn, repeat: int = 1) -> float:
+    """Slowest rank's median seconds of ``fn()`` (after one warm-up run)."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        _sync(xp)
+        comm.Barrier()
+        start = time.perf_counter()
+        fn()
+        _sync(xp)
+        times.append(time.perf_counter() - start)
+    return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
+
+
+# --- the parts ------------------------------------------------------------------------------
+def memory_rows(comm, xp, args, dtype, common) -> list[dict]:
+    rows = []
+    window = (args.memory_window, 0) if args.memory_window else None
+    for seqlen in [int(s) for s in args.memory.split(",") if s]:
+        arrays = _inputs(xp, seqlen, args, dtype, random=False)
+        for mode in ("fwd", "fwd+bwd"):
+            _run(comm, arrays, mode, causal=True, layout=args.layout, window=window)  # warm-up: NCCL, kernels
+            with PeakMemory(xp) as peak:
+                _run(comm, arrays, mode, causal=True, layout=args.layout, window=window)
+            measured = comm.allreduce(peak.peak, op=MPI.MAX)
+            estimate = mpiring.memory_estimate(
+                1, seqlen, args.heads, args.heads_kv, args.head_dim, dtype, layout=args.layout, causal=True,
+                backward=mode == "fwd+bwd", array=_kind(xp), comm_size=comm.Get_size(),
+            )
+            rows.append(make_row(
+                **common, bench="memory", seqlen=seqlen, n_gpus=comm.Get_size(), causal=True, layout=args.layout,
+                transport=None, **{"pass": mode}, tflops_per_gpu=None, window=args.memory_window or None,
+                peak_bytes=measured, estimate_bytes=estimate, ratio=measured / estimate,
+                pool_growth_bytes=comm.allreduce(peak.pool_growth, op=MPI.MAX),
+                device_growth_bytes=comm.allreduce(peak.device_growth, op=MPI.MAX),
+            ))
+            _say(comm, f"memory S={seqlen} {mode}: peak {measured / 2**30:.3f} GiB, estimate "
+                       f"{estimate / 2**30:.3f} GiB, ratio {measured / estimate:.3f}")
+        del arrays
+    return rows
+
+
+def max_context_rows(comm, xp, args, dtype, common) -> list[dict]:
+    """Largest tokens per GPU that fit: predicted from the free memory and the estimate,
+    then run at that size (must succeed) and at 1.1× (must raise MemoryError)."""
+    rows = []
+    world_rank = comm.Get_rank()
+    for ring in (comm, MPI.COMM_SELF):
+        size = ring.Get_size()
+        if ring == MPI.COMM_SELF and world_rank != 0:
+            continue
+        for mode in ("fwd", "fwd+bwd"):
+            seqlen = _predicted_max(ring, xp, args, dtype, mode)
+            fits = _fits(ring, xp, args, dtype, mode, seqlen)
+            bigger = (int(seqlen * 1.1) // 4096) * 4096
+            refused = not _fits(ring, xp, args, dtype, mode, bigger)
+            rows.append(make_row(
+                **common, bench="max_context", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout,
+                transport=None, **{"pass": mode}, tflops_per_gpu=None, total_tokens=seqlen * size, fits=fits,
+                larger_seqlen=bigger, larger_refused=refused, window=args.memory_window or 1024,
+            ))
+            _say(ring, f"max context N={size} {mode}: {seqlen:,} tokens/GPU ({seqlen * size:,} total) fits={fits}; "
+                       f"{bigger:,} raises MemoryError: {refused}")
+    comm.Barrier()
+    return rows
+
+
+def _predicted_max(ring, xp, args, dtype, mode) -> int:
+    xp.get_default_memory_pool().free_all_blocks()
+    free = ring.allreduce(xp.cuda.runtime.memGetInfo()[0], op=MPI.MIN)
+    budget = free - (1 << 30)  # NCCL's and cuBLAS's own buffers, the pool's rounding
+    inputs = (2 if mode == "fwd" else 3) * args.heads + 2 * args.heads_kv  # q, k, v (+ dout)
+
+    def need(s):
+        return inputs * s * args.head_dim * np.dtype(dtype).itemsize + mpiring.memory_estimate(
+            1, s, args.heads, args.heads_kv, args.head_dim, dtype, layout=args.layout, causal=True,
+            backward=mode == "fwd+bwd", array="cupy", comm_size=ring.Get_size())
+
+    lo, hi = 4096, 4096
+    while need(hi) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 4096:
+        mid = (lo + hi) // 2 // 4096 * 4096
+        lo, hi = (mid, hi) if need(mid) <= budget else (lo, mid)
+    return lo
+
+
+def _fits(ring, xp, args, dtype, mode, seqlen) -> bool:
+    """Run the windowed call at ``seqlen`` on ``ring``; False if any rank ran out of memory."""
+    failed = 0
+    arrays = None
+    try:
+        arrays = _inputs(xp, seqlen, args, dtype, random=False)
+        _run(ring, arrays, mode, causal=True, layout=args.layout, window=(args.memory_window or 1024, 0))
+        _sync(xp)
+    except MemoryError:
+        failed = 1
+    del arrays
+    xp.get_default_memory_pool().free_all_blocks()
+    return ring.allreduce(failed, op=MPI.SUM) == 0
+
+
+def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
+    size, seqlen = comm.Get_size(), args.varlen
+    total = seqlen * size
+    count = args.documents or 4 * size
+    rng = np.random.default_rng(0)
+    cu = np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), size=count - 1, replace=False)), [total]])
+    useful = float((np.diff(cu).astype(float) ** 2).sum()) / total**2
+    arrays = _inputs(xp, seqlen, args, dtype)
+    rows = []
+    for mode in ("fwd", "fwd+bwd"):
+        flops = attention_flops(1, total, total, args.heads, args.head_dim, causal=True, mode=mode) / size
+        fixed = _timed(comm, xp, lambda m=mode: _run(comm, arrays, m, causal=True, layout=args.layout))
+        varlen = _timed(comm, xp, lambda m=mode: _run(comm, arrays, m, causal=True, layout=args.layout,
+                                                      cu_seqlens=cu))
+        fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
+        backend = type(backend_for(xp, dtype=np.dtype(dtype), head_dim=args.head_dim,
+                                                    mask=mpiring.layout.make_mask(True, None, cu),
+                                                    seqlen_global=total)).__name__
+        rows.append(make_row(
+            **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
+            **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
+            documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, varlen_backend=backend,
+        ))
+        _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
+                   f"per GPU (useful work), ratio {varlen_tf / fixed_tf:.3f}; varlen backend {backend}")
+    return rows
+
+
+class _HostTimed(Transport):
+    """Host timestamps of each exchange of an inner transport (NumPy ring)."""
+
+    def __init__(self, inner):
+        super().__init__(inner.comm)
+        self.inner, self.name, self.steps = inner, inner.name, []
+
+    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None):
+        ex = self.inner.post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free)
+        ex.stamps = [tag, time.perf_counter()]
+        return ex
+
+    def _wait(self, ex, deadline):
+        begin = time.perf_counter()
+        self.inner.wait(ex, None if deadline is None else max(deadline - time.monotonic(), 0.0))
+        tag, posted = ex.stamps
+        self.steps.append({"tag": tag, "compute_s": begin - posted, "comm_s": time.perf_counter() - posted})
+
+
+def timeline_rows(comm, xp, args, dtype, common) -> list[dict]:
+    from mpiring.transport import select_transport
+
+    seqlen, size = args.timeline, comm.Get_size()
+    arrays = _inputs(xp, seqlen, args, dtype)
+    names = ["mpi-host"] if xp is np else [t for t in args.transports.split(",") if t]
+    rows = []
+    for name in names:
+        tr = select_transport(name, comm.Dup(), xp)
+        if xp is np:
+            tr = _HostTimed(tr)
+        run = lambda tr=tr: _run(comm, arrays, "fwd+bwd", causal=True, layout=args.layout, transport=tr)  # noqa: E731
+        if xp is np:
+            run()
+            tr.steps.clear()
+            run()
+            steps = tr.steps
+        else:
+            run()
+            tr.start_timing()
+            run()
+            steps = tr.step_times()
+        # the slowest rank's steps (rank 0's order: all ranks run the same schedule length)
+        per_rank = comm.allgather(steps)
+        slowest = max(per_rank, key=lambda s: sum(x["compute_s"] + x["comm_s"] for x in s))
+        timeline = [{"kind": "kv" if s["tag"] == _TAG_KV else "dkv", "compute_ms": 1e3 * s["compute_s"],
+                     "comm_ms": 1e3 * s["comm_s"], "wait_ms": 1e3 * max(s["comm_s"] - s["compute_s"], 0.0)}
+                    for s in slowest]
+        rows.append(make_row(
+            **common, bench="timeline", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=name,
+            **{"pass": "fwd+bwd"}, tflops_per_gpu=None, steps=timeline,
+        ))
+        _say(comm, f"timeline {name}: " + ", ".join(f"{s['kind']} {s['compute_ms']:.1f}/{s['comm_ms']:.1f} ms"
+                                                   for s in timeline))
+    return rows
+
+
+def _kind(xp) -> str:
+    return "numpy" if xp is np else "cupy"
+
+
+def _say(comm, text: str) -> None:
+    if comm.Get_rank() == 0:
+        print(text, flush=True)
+
+
+def run(args) -> int:
+    comm = MPI.COMM_WORLD
+    xp = _module(args.cpu)
+    dtype = np.dtype(getattr(np, DTYPES[args.dtype], None) or _bfloat16())
+    if xp is np:
+        card = f"CPU ({os.cpu_count()} cores)"
+    else:
+        from mpiring.bench.common import card_name
+
+        card = card_name()
+    common = dict(card=card, date=today(), command=f"mpiexec -n {comm.Get_size()} {command_line()}", dtype=args.dtype,
+                  heads=args.heads, heads_kv=args.heads_kv, head_dim=args.head_dim, array=_kind(xp))
+    rows = []
+    if args.memory:
+        rows += memory_rows(comm, xp, args, dtype, common)
+    if args.varlen:
+        rows += varlen_rows(comm, xp, args, dtype, common)
+    if args.timeline:
+        rows += timeline_rows(comm, xp, args, dtype, common)
+    if args.max_context and xp is not np:
+        rows += max_context_rows(comm, xp, args, dtype, common)
+    if comm.Get_rank() == 0:
+        name = card.split(" (")[0].replace(" ", "_")
+        path = args.out or os.path.join("bench", "results", f"longctx-{name}-{today()}.json")
+        write_rows(path, rows)
+        print(f"wrote {len(rows)} rows to {path}")
+        if args.plot:
+            from mpiring.bench.plots import plot_rows
+
+            for png in plot_rows(rows, args.plot):
+                print(f"wrote {png}")
+    return 0
+
+
+def _bfloat16():
+    from ml_dtypes import bfloat16
+
+    return bfloat16
+
