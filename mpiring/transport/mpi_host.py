@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -35,9 +36,11 @@ class MpiHostTransport(Transport):
 def wait_requests(requests: list, deadline: float | None, transport) -> None:
     """Wait for all requests; raise TimeoutError after ``deadline`` (time.monotonic).
 
-    Polls with short sleeps instead of MPI_Waitall: a spinning Waitall steals the
-    core from a neighbour rank that is still computing whenever ranks share cores
-    (laptops, CI, oversubscribed nodes); the sleep costs ≤ 0.1 ms per ring step.
+    Polls MPI_Testall and yields the core between polls instead of spinning inside
+    MPI_Waitall: a spinning rank steals the core from a neighbour that is still
+    computing whenever ranks share cores (laptops, CI, oversubscribed nodes). Each
+    poll also drives MPI's progress, so large messages keep their bandwidth (sleeping
+    between polls instead cut it six-fold for 128 MB messages).
     """
     while not MPI.Request.Testall(requests):
         if deadline is not None and time.monotonic() > deadline:
@@ -45,4 +48,4 @@ def wait_requests(requests: list, deadline: float | None, transport) -> None:
                 f"{transport.name}: ring exchange with ranks {transport.recv_rank} -> {transport.rank} -> "
                 f"{transport.send_rank} did not complete in time"
             )
-        time.sleep(5e-5)
+        os.sched_yield()
