@@ -140,6 +140,16 @@ def gather_rows(comm, arrays, owner, row, rank):
     return out
 
 
+def causal_allowed(xp, mask, qpos, kpos):
+    """Boolean ``(len(qpos), len(kpos))`` on the array module's device: key not after the
+    query and in the same document (:meth:`mpiring.layout.Mask.allowed` for a causal
+    mask, without building it on the host)."""
+    allowed = xp.asarray(qpos)[:, None] >= xp.asarray(kpos)[None, :]
+    if mask.cu_seqlens is not None:
+        allowed &= xp.asarray(mask.documents(qpos))[:, None] == xp.asarray(mask.documents(kpos))[None, :]
+    return allowed
+
+
 @np.errstate(divide="ignore")  # log(0) = −inf for rows with no allowed key in a chunk
 def sampled_reference(comm, xp, k, v, kpos, q_rows, do_rows, qpos, mask, scale, dtype):
     """float64 ``out``, ``lse``, ``dq`` of the sampled rows over all keys of all ranks, and
@@ -158,7 +168,7 @@ def sampled_reference(comm, xp, k, v, kpos, q_rows, do_rows, qpos, mask, scale, 
         """(allowed (1, n, c), K (H, c, D), V (H, c, D)) per chunk of local keys, float64."""
         for lo in range(0, k.shape[1], _KEY_CHUNK):
             hi = min(lo + _KEY_CHUNK, k.shape[1])
-            allowed = xp.asarray(mask.allowed(qpos, kpos[lo:hi]))[None]
+            allowed = causal_allowed(xp, mask, qpos, kpos[lo:hi])[None]
             kc = xp.repeat(k[0, lo:hi].astype(np.float64), group, axis=1).transpose(1, 0, 2)
             vc = xp.repeat(v[0, lo:hi].astype(np.float64), group, axis=1).transpose(1, 0, 2)
             yield allowed, kc, vc

@@ -89,12 +89,13 @@ class PeakMemory:
             def __init__(self):
                 self.used = 0
 
-            def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
-                self.used += mem_size
+            # CuPy calls these with keywords (device_id, size, mem_size, mem_ptr, pmem_id)
+            def malloc_postprocess(self, **kw):
+                self.used += kw["mem_size"]
                 tracker.peak = max(tracker.peak, self.used)
 
-            def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
-                self.used -= mem_size
+            def free_postprocess(self, **kw):
+                self.used -= kw["mem_size"]
 
         self.xp.cuda.Device().synchronize()
         self._pool = self.xp.get_default_memory_pool()
@@ -246,15 +247,22 @@ def _predicted_max(ring, xp, args, dtype, mode) -> int:
 
 
 def _fits(ring, xp, args, dtype, mode, seqlen) -> bool:
-    """Run the windowed call at ``seqlen`` on ``ring``; False if any rank ran out of memory."""
-    failed = 0
-    arrays = None
+    """Run the windowed call at ``seqlen`` on ``ring``; False if any rank ran out of memory.
+
+    The inputs are agreed on before the ring starts (a rank whose inputs don't fit must
+    not leave the others waiting in the ring); the ring agrees on its own buffers.
+    """
+    arrays, failed = None, 0
     try:
         arrays = _inputs(xp, seqlen, args, dtype, random=False)
-        _run(ring, arrays, mode, causal=True, layout=args.layout, window=(args.memory_window or 1024, 0))
-        _sync(xp)
     except MemoryError:
         failed = 1
+    if ring.allreduce(failed, op=MPI.SUM) == 0:
+        try:
+            _run(ring, arrays, mode, causal=True, layout=args.layout, window=(args.memory_window or 1024, 0))
+            _sync(xp)
+        except MemoryError:
+            failed = 1
     del arrays
     xp.get_default_memory_pool().free_all_blocks()
     return ring.allreduce(failed, op=MPI.SUM) == 0

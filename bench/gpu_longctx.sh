@@ -1,0 +1,17 @@
+#!/bin/bash
+# Long context on an N-GPU machine, in one job (bench/README.md "Long context"):
+#   1. examples/long_context.py: exact causal attention over $TOKENS (default 4M) tokens,
+#      bf16, 8 heads, head dim 128, zigzag, forward and backward, sampled-row float64 check;
+#   2. python -m mpiring.bench longctx: peak memory vs memory_estimate at several sizes,
+#      the largest context that fits (N GPUs and one), varlen vs fixed, step timelines.
+# Over the image's MPI (not CUDA-aware): transport auto -> nccl (mpi-staged in the timeline).
+# Usage: bash bench/gpu_longctx.sh [N]      (JSON, logs and figures under $OUT)
+set -o pipefail
+NP=${1:-$(nvidia-smi -L | wc -l)}
+. bench/gpu_setup.sh || exit 1
+RUN="mpirun --bind-to none -np $NP -x PYTHONPATH -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED"
+timeout "${EXAMPLE_TIMEOUT:-220}" $RUN python3 examples/long_context.py --tokens "${TOKENS:-4M}" \
+    --json "$OUT/long_context.json" 2>&1 | tee "$OUT/long_context.log"
+timeout "${BENCH_TIMEOUT:-125}" $RUN python3 -m mpiring.bench longctx --memory 65536,262144,1048576 \
+    --memory-window 1024 --varlen 32768 --timeline 32768 --max-context --out "$OUT/longctx.json" --plot "$OUT" \
+    2>&1 | tee "$OUT/longctx.log"
