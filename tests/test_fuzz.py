@@ -11,7 +11,10 @@ example. The example is also compared across ranks before it runs.
 
 N is the ring size: a sub-communicator of the first min(N, world size) ranks (cached);
 the other ranks wait for the outcome. Bounded for CI by ``max_examples``; set
-``MPIRING_FUZZ_EXAMPLES`` for a longer run (e.g. 500).
+``MPIRING_FUZZ_EXAMPLES`` for a longer run (600 pass at -n 4). Beyond that, float16 and
+bfloat16 examples of a few tokens per rank can exceed helpers' "2x the dense
+same-precision error" rule by a few percent: per-shard statistics of tiny problems
+(the same error at N=1, so not the ring's), a limit of the rule, not a wrong answer.
 """
 
 import os
