@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import to_host
 
 import mpiring
 
@@ -38,12 +39,8 @@ ARRAY_MODULES = array_module_params()
 
 def bitwise_equal(a, b) -> bool:
     """Same dtype, shape and bytes (NaN payloads included): determinism, not closeness."""
-    a, b = np.ascontiguousarray(to_numpy(a)), np.ascontiguousarray(to_numpy(b))
+    a, b = np.ascontiguousarray(to_host(a)), np.ascontiguousarray(to_host(b))
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-
-
-def to_numpy(x):
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
 
 
 def agree(comm, failure: str | None) -> None:
@@ -84,7 +81,7 @@ def next_call_works(comm, xp=np) -> None:
     out_ref, _ = mpiring.attention_reference(q, k, v, causal=True)
     sh = lambda x: xp.asarray(mpiring.shard(x, comm, layout="contiguous"))  # noqa: E731
     out, _ = mpiring.ring_attention(sh(q), sh(k), sh(v), comm, causal=True, layout="contiguous")
-    failure = check_quietly(lambda: np.testing.assert_allclose(to_numpy(out), to_numpy(sh(out_ref)), atol=1e-12))
+    failure = check_quietly(lambda: np.testing.assert_allclose(to_host(out), to_host(sh(out_ref)), atol=1e-12))
     agree(comm, failure)
 
 

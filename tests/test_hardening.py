@@ -19,9 +19,8 @@ from hardening_util import (
     bitwise_equal,
     check_quietly,
     next_call_works,
-    to_numpy,
 )
-from helpers import check_ring, random_problem, rel_err
+from helpers import check_ring, random_problem, rel_err, to_host
 from ml_dtypes import bfloat16
 from mpi4py import MPI
 
@@ -461,7 +460,7 @@ def test_deterministic(comm, seed, xp, dtype, layout, options):
     differ = [name for other in others for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), first, other)
               if not bitwise_equal(a, b)]
     agree(comm, f"{sorted(set(differ))} differ bitwise between runs or transports" if differ else None)
-    assert all(np.isfinite(to_numpy(x).astype(np.float32)).all() for x in first)
+    assert all(np.isfinite(to_host(x).astype(np.float32)).all() for x in first)
 
 
 @pytest.mark.parametrize("heads_kv", [
