@@ -180,9 +180,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             )
         if lse is not _FORWARD:
             _check_lse(lse, q)
-        if timeout is not None and (
-            not isinstance(timeout, (int, float, np.integer, np.floating)) or not 0 < timeout < math.inf
-        ):
+        if timeout is not None and not _valid_timeout(timeout):
             raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
@@ -233,8 +231,7 @@ def _arrive(comm, fn: str, timeout) -> None:
     rather than a hang in the validation allgather. Always entered, so that ranks that
     disagree on ``timeout`` still meet; an invalid value is reported by the agreed checks."""
     request = comm.Ibarrier()
-    valid = isinstance(timeout, (int, float, np.integer, np.floating)) and 0 < timeout < math.inf
-    if not valid:
+    if not _valid_timeout(timeout):
         request.Wait()
         return
     deadline = time.monotonic() + timeout
@@ -242,6 +239,10 @@ def _arrive(comm, fn: str, timeout) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{fn}: not every rank of the communicator called within timeout={timeout} s")
         time.sleep(1e-4)
+
+
+def _valid_timeout(timeout) -> bool:
+    return isinstance(timeout, (int, float, np.integer, np.floating)) and 0 < timeout < math.inf
 
 
 def _comparable(x):
