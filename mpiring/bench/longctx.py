@@ -3,8 +3,9 @@
 Run with one rank per GPU (``mpiexec -n 4 python -m mpiring.bench longctx``), or on the
 CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its name):
 
-* ``memory`` (``--memory TOKENS,…`` per rank): the peak of the library's allocations in
-  a forward and in a forward+backward call against :func:`mpiring.memory_estimate`.
+* ``memory`` (``--memory TOKENS,…`` per rank; ``--memory-varlen`` with packed documents):
+  the peak of the library's allocations in a forward and in a forward+backward call
+  against :func:`mpiring.memory_estimate`.
   Measured with tracemalloc (NumPy) or a CuPy memory hook (device bytes in use through
   CuPy's pool, ``peak_bytes``), plus the pool's growth and ``cudaMemGetInfo``'s (context,
   NCCL and cuBLAS buffers are outside the pool and outside the estimate). With
@@ -45,6 +46,7 @@ _TAG_KV, _TAG_DKV = 71, 72  # mpiring.api's exchange tags
 
 def add_arguments(p) -> None:
     p.add_argument("--memory", default="", help="tokens per rank for the memory rows, e.g. 65536,262144")
+    p.add_argument("--memory-varlen", default="", help="tokens per rank of memory rows with packed documents")
     p.add_argument("--memory-window", type=int, default=0, help="causal window of the memory runs (0: full causal)")
     p.add_argument("--max-context", action="store_true", help="largest tokens per GPU that fit (GPU only)")
     p.add_argument("--varlen", type=int, default=0, help="tokens per rank of the varlen vs fixed comparison")
@@ -174,28 +176,34 @@ def _timed(comm, xp, fn, repeat: int = 1) -> float:
 
 
 # --- the parts ------------------------------------------------------------------------------
-def memory_rows(comm, xp, args, dtype, common) -> list[dict]:
+def memory_rows(comm, xp, args, dtype, common, sizes: str, documents: int = 0) -> list[dict]:
+    """Measured peak vs estimate at each tokens-per-rank of ``sizes``; with ``documents``,
+    packed random documents (``cu_seqlens``: the blockwise backend on CuPy too)."""
     rows = []
-    window = (args.memory_window, 0) if args.memory_window else None
-    for seqlen in [int(s) for s in args.memory.split(",") if s]:
+    window = (args.memory_window, 0) if args.memory_window and not documents else None
+    for seqlen in [int(s) for s in sizes.split(",") if s]:
         arrays = _inputs(xp, seqlen, args, dtype, random=False)
+        cu = _documents(seqlen * comm.Get_size(), documents) if documents else None
+        options = dict(causal=True, layout=args.layout, window=window, cu_seqlens=cu)
         for mode in ("fwd", "fwd+bwd"):
-            _run(comm, arrays, mode, causal=True, layout=args.layout, window=window)  # warm-up: NCCL, kernels
+            _run(comm, arrays, mode, **options)  # warm-up: NCCL buffers, kernel compilation
             with PeakMemory(xp) as peak:
-                _run(comm, arrays, mode, causal=True, layout=args.layout, window=window)
+                _run(comm, arrays, mode, **options)
             measured = comm.allreduce(peak.peak, op=MPI.MAX)
             estimate = mpiring.memory_estimate(
-                1, seqlen, args.heads, args.heads_kv, args.head_dim, dtype, layout=args.layout, causal=True,
-                backward=mode == "fwd+bwd", array=_kind(xp), comm_size=comm.Get_size(),
+                1, seqlen, args.heads, args.heads_kv, args.head_dim, dtype, backward=mode == "fwd+bwd",
+                array=_kind(xp), comm_size=comm.Get_size(), **options,
             )
             rows.append(make_row(
                 **common, bench="memory", seqlen=seqlen, n_gpus=comm.Get_size(), causal=True, layout=args.layout,
-                transport=None, **{"pass": mode}, tflops_per_gpu=None, window=args.memory_window or None,
+                transport=None, **{"pass": mode}, tflops_per_gpu=None, window=window and window[0],
+                documents=documents or None,
                 peak_bytes=measured, estimate_bytes=estimate, ratio=measured / estimate,
                 pool_growth_bytes=comm.allreduce(peak.pool_growth, op=MPI.MAX),
                 device_growth_bytes=comm.allreduce(peak.device_growth, op=MPI.MAX),
             ))
-            _say(comm, f"memory S={seqlen} {mode}: peak {measured / 2**30:.3f} GiB, estimate "
+            docs = f" {documents} documents" if documents else ""
+            _say(comm, f"memory S={seqlen}{docs} {mode}: peak {measured / 2**30:.3f} GiB, estimate "
                        f"{estimate / 2**30:.3f} GiB, ratio {measured / estimate:.3f}")
         del arrays
     return rows
@@ -269,31 +277,51 @@ def _fits(ring, xp, args, dtype, mode, seqlen) -> bool:
 
 
 def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
+    """Packed documents vs one sequence of the same total length; on CuPy also the fixed
+    length on the blockwise backend (``MPIRING_BACKEND=blockwise``), the backend that
+    varlen runs on while the CUDA kernels have no per-document masks."""
     size, seqlen = comm.Get_size(), args.varlen
     total = seqlen * size
     count = args.documents or 4 * size
-    rng = np.random.default_rng(0)
-    cu = np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), size=count - 1, replace=False)), [total]])
+    cu = _documents(total, count)
     useful = float((np.diff(cu).astype(float) ** 2).sum()) / total**2
     arrays = _inputs(xp, seqlen, args, dtype)
+    backend = type(backend_for(xp, dtype=np.dtype(dtype), head_dim=args.head_dim,
+                               mask=mpiring.layout.make_mask(True, None, cu), seqlen_global=total)).__name__
     rows = []
     for mode in ("fwd", "fwd+bwd"):
         flops = attention_flops(1, total, total, args.heads, args.head_dim, causal=True, mode=mode) / size
-        fixed = _timed(comm, xp, lambda m=mode: _run(comm, arrays, m, causal=True, layout=args.layout))
-        varlen = _timed(comm, xp, lambda m=mode: _run(comm, arrays, m, causal=True, layout=args.layout,
-                                                      cu_seqlens=cu))
+
+        def timed(mode=mode, **options):
+            return _timed(comm, xp, lambda: _run(comm, arrays, mode, causal=True, layout=args.layout, **options))
+
+        fixed, varlen = timed(), timed(cu_seqlens=cu)
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
-        backend = type(backend_for(xp, dtype=np.dtype(dtype), head_dim=args.head_dim,
-                                                    mask=mpiring.layout.make_mask(True, None, cu),
-                                                    seqlen_global=total)).__name__
+        same = {}
+        if xp is not np:
+            os.environ["MPIRING_BACKEND"] = "blockwise"
+            try:
+                same_tf = flops / timed() / 1e12
+            finally:
+                del os.environ["MPIRING_BACKEND"]
+            same = dict(fixed_blockwise_tflops_per_gpu=same_tf, ratio_same_backend=varlen_tf / same_tf)
         rows.append(make_row(
             **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
             **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, varlen_backend=backend,
+            **same,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
-                   f"per GPU (useful work), ratio {varlen_tf / fixed_tf:.3f}; varlen backend {backend}")
+                   f"per GPU (useful work), ratio {varlen_tf / fixed_tf:.3f}; varlen backend {backend}"
+                   + (f"; fixed on the blockwise backend {same['fixed_blockwise_tflops_per_gpu']:.2f} TF/s, "
+                      f"ratio {same['ratio_same_backend']:.3f}" if same else ""))
     return rows
+
+
+def _documents(total: int, count: int) -> np.ndarray:
+    """``cu_seqlens`` of ``count`` random documents over ``total`` tokens (fixed seed)."""
+    rng = np.random.default_rng(0)
+    return np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), size=count - 1, replace=False)), [total]])
 
 
 class _HostTimed(Transport):
@@ -375,7 +403,9 @@ def run(args) -> int:
                   heads=args.heads, heads_kv=args.heads_kv, head_dim=args.head_dim, array=_kind(xp))
     rows = []
     if args.memory:
-        rows += memory_rows(comm, xp, args, dtype, common)
+        rows += memory_rows(comm, xp, args, dtype, common, args.memory)
+    if args.memory_varlen:
+        rows += memory_rows(comm, xp, args, dtype, common, args.memory_varlen, args.documents or 16 * comm.Get_size())
     if args.varlen:
         rows += varlen_rows(comm, xp, args, dtype, common)
     if args.timeline:

@@ -84,7 +84,7 @@ def _tflops_vs_tokens(plt, rows):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"N={n_max} {label}")
     for r in longc:
         ax.scatter([r["seqlen"]], [r["tflops_per_gpu"]], marker="*", s=150, zorder=3,
-                   label=f"long_context {_tokens(r['total_tokens'])} tokens, N={r['n_gpus']}, {r['pass']}")
+                   label=f"long_context {_tokens(r['total_tokens'])}, N={r['n_gpus']}, {r['pass']} ({r['card']})")
     ax.set_xscale("log", base=2)
     ax.set(xlabel="tokens per GPU", ylabel="TF/s per GPU", title=f"Ring attention throughput ({_card(ring + longc)})")
     ax.grid(alpha=0.3)
@@ -123,13 +123,16 @@ def _memory_vs_tokens(plt, rows):
     if not mem:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, color in (("fwd", "C0"), ("fwd+bwd", "C1")):
-        pts = sorted((r["seqlen"], r["peak_bytes"], r["estimate_bytes"]) for r in mem if r["pass"] == mode)
-        if not pts:
-            continue
-        xs = [p[0] for p in pts]
-        ax.plot(xs, [p[1] / 2**30 for p in pts], marker="o", color=color, label=f"{mode}: measured peak")
-        ax.plot(xs, [p[2] / 2**30 for p in pts], ls="--", color=color, label=f"{mode}: memory_estimate")
+    colors = iter(f"C{i}" for i in range(10))
+    for varlen in (False, True):
+        for mode in ("fwd", "fwd+bwd"):
+            pts = sorted((r["seqlen"], r["peak_bytes"], r["estimate_bytes"]) for r in mem
+                         if r["pass"] == mode and bool(r.get("documents")) == varlen)
+            if not pts:
+                continue
+            xs, color, what = [p[0] for p in pts], next(colors), f"{mode}{', documents' if varlen else ''}"
+            ax.plot(xs, [p[1] / 2**30 for p in pts], marker="o", color=color, label=f"{what}: measured peak")
+            ax.plot(xs, [p[2] / 2**30 for p in pts], ls="--", color=color, label=f"{what}: memory_estimate")
     xs = sorted({r["seqlen"] for r in mem})
     first = min(r["peak_bytes"] for r in mem if r["seqlen"] == xs[0]) / 2**30
     ax.plot(xs, [first * (x / xs[0]) ** 2 for x in xs], color="gray", lw=0.8, ls=":", label="∝ seqlen² (reference)")
