@@ -37,7 +37,8 @@ def _scores(q, k, v, softmax_scale, mask, q_positions, k_positions):
     denom = p.sum(axis=-1, keepdims=True)
     with np.errstate(divide="ignore"):
         lse = (np.log(denom) + smax)[..., 0]
-    p = np.where(denom > 0, p / np.where(denom > 0, denom, 1.0), 0.0)
+    has_keys = denom != 0  # NaN (poisoned input) is not "no keys": it propagates
+    p = np.where(has_keys, p / np.where(has_keys, denom, 1.0), 0.0)
     return q, k, v, p, lse, scale, group
 
 

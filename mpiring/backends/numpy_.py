@@ -135,7 +135,8 @@ class BlockwiseBackend:
 
     # --- layout conversions -------------------------------------------------------------
     def _split_heads(self, x, heads_kv: int, dtype):
-        """(B, S, H, D) → (B, Hkv, S, G, D) contiguous in ``dtype``."""
+        """(B, S, H, D) → (B, Hkv, S, G, D) contiguous in ``dtype``: a view of ``x`` where
+        no copy is needed (one KV head, same dtype), so never modify it in place."""
         b, s, h, d = x.shape
         y = x.reshape(b, s, heads_kv, h // heads_kv, d).transpose(0, 2, 1, 3, 4)
         return self.xp.ascontiguousarray(y.astype(dtype, copy=False))
@@ -177,8 +178,8 @@ class BlockwiseBackend:
     # --- forward ------------------------------------------------------------------------
     def fwd_begin(self, q, heads_kv: int, scale: float) -> FwdState:
         xp, cdt = self.xp, compute_dtype(q.dtype)
-        qc = self._split_heads(q, heads_kv, cdt)
-        qc *= cdt.type(scale)
+        # Not in place: with one KV head the split is a view of the caller's q.
+        qc = self._split_heads(q, heads_kv, cdt) * cdt.type(scale)
         rows = qc.shape[:4]
         return FwdState(
             q=qc, acc=xp.zeros(qc.shape, cdt), m=xp.full(rows, -np.inf, cdt), l=xp.zeros(rows, cdt),
@@ -206,7 +207,7 @@ class BlockwiseBackend:
                 s = q_t @ k[:, :, kt.lo : kt.hi].swapaxes(-1, -2)
                 if kind == "mask":
                     s = s.reshape(b, hkv, tq, g, -1)
-                    s = xp.where(pairs.allowed(qt, kt), s, -np.inf).reshape(b, hkv, tq * g, -1)
+                    s = xp.where(pairs.allowed(qt, kt), s, -np.inf).reshape(b, hkv, tq * g, kt.hi - kt.lo)
                 m_new = xp.maximum(m, s.max(axis=-1))
                 # Rows with no allowed key so far keep m = −inf; shift them by 0 so
                 # that exp(−inf − 0) = 0 instead of exp(−inf + inf) = NaN.
@@ -224,7 +225,7 @@ class BlockwiseBackend:
         """``out`` (B, Sq, H, D) in the input dtype; ``lse`` (B, H, Sq): float32 (float64 for
         float64 inputs), −inf and out = 0 on rows with no allowed key."""
         xp = self.xp
-        has_keys = st.l > 0
+        has_keys = st.l != 0  # NaN (a poisoned row) is not "no keys": it stays NaN
         safe_l = xp.where(has_keys, st.l, 1)
         out = self._merge_heads(st.acc / safe_l[..., None], st.out_dtype)
         lse = xp.where(has_keys, st.m + xp.log(safe_l), -np.inf)
@@ -236,8 +237,8 @@ class BlockwiseBackend:
     # --- backward -----------------------------------------------------------------------
     def bwd_begin(self, dout, q, out, lse, heads_kv: int, scale: float) -> BwdState:
         xp, cdt = self.xp, compute_dtype(q.dtype)
-        qc = self._split_heads(q, heads_kv, cdt)
-        qc *= cdt.type(scale)
+        # Not in place: with one KV head the split is a view of the caller's q.
+        qc = self._split_heads(q, heads_kv, cdt) * cdt.type(scale)
         do = self._split_heads(dout, heads_kv, cdt)
         delta = (do * self._split_heads(out, heads_kv, cdt)).sum(axis=-1)
         lse_rows = self._rows(lse, heads_kv).astype(cdt)
@@ -272,7 +273,7 @@ class BlockwiseBackend:
                 s = q_t @ k[:, :, cols].swapaxes(-1, -2)
                 if kind == "mask":
                     s = s.reshape(b, hkv, tq, g, -1)
-                    s = xp.where(pairs.allowed(qt, kt), s, -np.inf).reshape(b, hkv, tq * g, -1)
+                    s = xp.where(pairs.allowed(qt, kt), s, -np.inf).reshape(b, hkv, tq * g, kt.hi - kt.lo)
                 p = xp.exp(s - lse_t)
                 dv[:, :, cols] += p.swapaxes(-1, -2) @ do_t
                 ds = p * (do_t @ v[:, :, cols].swapaxes(-1, -2) - delta_t)

@@ -44,8 +44,22 @@ def wait_requests(requests: list, deadline: float | None, transport) -> None:
     """
     while not MPI.Request.Testall(requests):
         if deadline is not None and time.monotonic() > deadline:
+            _abandon(requests)
             raise TimeoutError(
                 f"{transport.name}: ring exchange with ranks {transport.recv_rank} -> {transport.rank} -> "
                 f"{transport.send_rank} did not complete in time"
             )
         os.sched_yield()
+
+
+# Requests given up on after a timeout: a late message must not land in freed memory,
+# so receives are cancelled and whatever can't complete stays referenced (with its
+# buffer, which mpi4py's request keeps alive) until the process ends.
+_ABANDONED: list = []
+
+
+def _abandon(requests: list) -> None:
+    for request in requests:
+        if not request.Test():
+            request.Cancel()
+    _ABANDONED.extend(r for r in requests if not r.Test())
