@@ -149,3 +149,26 @@ def test_estimate_rejects_bad_arguments(kwargs, error, match):
     positional = [args.pop(name) for name in ("batch", "seqlen_local", "heads", "heads_kv", "head_dim", "dtype")]
     with pytest.raises(error, match=match):
         memory_estimate(*positional, **args)
+
+
+@pytest.mark.serial
+def test_plots_from_rows(tmp_path):
+    """Every figure of mpiring.bench.plots is drawn from rows of each kind (matplotlib optional)."""
+    pytest.importorskip("matplotlib")
+    from mpiring.bench.plots import plot_rows
+
+    base = dict(card="CPU", heads=8, head_dim=128, causal=True, layout="zigzag")
+    rows = [dict(base, bench="ring", transport=t, n_gpus=n, seqlen=s, tflops_per_gpu=100.0 + n, efficiency=0.97,
+                 **{"pass": p}) for t in ("nccl", "mpi-cuda") for n in (2, 4) for s in (16384, 32768)
+            for p in ("fwd", "fwd+bwd")]
+    rows += [dict(base, bench="long_context", n_gpus=4, seqlen=1 << 20, total_tokens=1 << 22, tflops_per_gpu=150.0,
+                  **{"pass": "fwd+bwd"})]
+    rows += [dict(base, bench="memory", n_gpus=4, seqlen=s, peak_bytes=3 * s, estimate_bytes=3 * s + 1,
+                  documents=d, **{"pass": p}) for s in (1024, 4096) for p in ("fwd", "fwd+bwd") for d in (None, 8)]
+    rows += [dict(base, bench="timeline", n_gpus=4, seqlen=4096, transport="nccl", **{"pass": "fwd+bwd"},
+                  steps=[{"kind": k, "compute_ms": 2.0, "comm_ms": c, "wait_ms": max(c - 2.0, 0)}
+                         for k, c in (("kv", 1.0), ("kv", 3.0), ("dkv", 2.5))])]
+    written = plot_rows(rows, str(tmp_path))
+    names = sorted(p.rsplit("/", 1)[-1] for p in written)
+    assert names == ["efficiency_vs_n.png", "memory_vs_tokens.png", "tflops_vs_tokens.png", "timeline.png"]
+    assert all((tmp_path / n).stat().st_size > 1000 for n in names)

@@ -190,3 +190,20 @@ def test_tile_work_follows_document_lengths(layout):
     # A striped tile of 32 rows spans 32·N positions, so N times as many documents.
     bound = 3 * (size if layout == "striped" else 1)
     assert computed <= bound * allowed, f"{layout}: tiles compute {computed / allowed:.2f}x the allowed pairs"
+
+
+# --- the long-context example --------------------------------------------------------------
+def test_long_context_example(comm):
+    """examples/long_context.py end to end at a small size with packed documents: ring
+    forward and backward, the distributed sampled-row check, the sampler against the oracle."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "long_context.py"
+    spec = importlib.util.spec_from_file_location("long_context_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    size = comm.Get_size()
+    argv = ["--tokens", str(96 * size), "--heads", "2", "--heads-kv", "1", "--head-dim", "16", "--samples", "40",
+            "--documents", "7", "--cpu"]
+    assert example.main(argv) == 0
