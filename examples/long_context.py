@@ -33,6 +33,7 @@ from mpi4py import MPI
 import mpiring
 from mpiring._xp import array_module as array_module_of
 from mpiring.bench.common import attention_flops
+from mpiring.bench.longctx import PeakMemory
 from mpiring.layout import make_mask, positions
 from mpiring.transport import Transport, select_transport
 
@@ -262,10 +263,11 @@ def main(argv=None) -> int:
     shape = (1, seqlen_local, args.heads, args.heads_kv, args.head_dim, dtype)
     kind = "cupy" if xp is not np else "numpy"
     inputs = (2 * args.heads + 2 * args.heads_kv) * seqlen_local * args.head_dim * np.dtype(dtype).itemsize
-    for backward in (False, True):
-        estimate = mpiring.memory_estimate(*shape, backward=backward, array=kind, comm_size=size, **options)
-        say(f"memory estimate per rank ({'fwd+bwd' if backward else 'fwd'}): {estimate / 2**30:.2f} GiB "
-            f"+ inputs {inputs / 2**30:.2f} GiB")
+    estimates = {}
+    for mode in ("fwd", "fwd+bwd"):
+        estimates[mode] = mpiring.memory_estimate(*shape, backward=mode == "fwd+bwd", array=kind, comm_size=size,
+                                                  **options)
+        say(f"memory estimate per rank ({mode}): {estimates[mode] / 2**30:.2f} GiB + inputs {inputs / 2**30:.2f} GiB")
 
     q, k, v, dout = make_shards(xp, rank, *shape[1:], seed=args.seed)
     if xp is not np:
@@ -278,17 +280,24 @@ def main(argv=None) -> int:
         f"heads {args.heads}/{args.heads_kv}, head_dim {args.head_dim}, {args.layout}, causal, {documents}"
         f"transport {getattr(transport, 'name', transport)}")
 
+    peaks = {}
+
     def timed(fn, label):
+        """Run ``fn`` on every rank: the slowest rank's seconds; the peak of what the library
+        allocated meanwhile (max over ranks) goes to ``peaks[label]``."""
         if isinstance(transport, ProgressTransport):
             transport.begin(label)
-        comm.Barrier()
-        start = time.perf_counter()
-        result = fn()
-        if xp is not np:
-            xp.cuda.get_current_stream().synchronize()
+        with PeakMemory(xp) as peak:
+            comm.Barrier()
+            start = time.perf_counter()
+            result = fn()
+            if xp is not np:
+                xp.cuda.get_current_stream().synchronize()
+            elapsed = time.perf_counter() - start
         if isinstance(transport, ProgressTransport):
             transport.report()
-        elapsed = comm.allreduce(time.perf_counter() - start, op=MPI.MAX)
+        elapsed = comm.allreduce(elapsed, op=MPI.MAX)
+        peaks[label] = comm.allreduce(peak.peak, op=MPI.MAX)
         say(f"{label}: {elapsed:.2f} s")
         return result, elapsed
 
@@ -298,6 +307,13 @@ def main(argv=None) -> int:
     if not args.forward_only:
         grads, t_bwd = timed(lambda: mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm,
                                                                      transport=transport, **options), "backward")
+    # fwd+bwd as memory_estimate counts it: backward runs while forward's out and lse are held
+    measured = {"fwd": peaks["forward"]}
+    if grads is not None:
+        measured["fwd+bwd"] = max(peaks["forward"], out.nbytes + lse.nbytes + peaks["backward"])
+    for mode, peak in measured.items():
+        say(f"peak memory per rank ({mode}, library allocations): {peak / 2**30:.2f} GiB, estimate "
+            f"{estimates[mode] / 2**30:.2f} GiB, ratio {peak / estimates[mode]:.3f}")
     useful = 1.0 if cu_seqlens is None else float((np.diff(cu_seqlens).astype(float) ** 2).sum()) / tokens**2
     unit = "GPU" if xp is not np else "rank"
     results = []
@@ -306,7 +322,8 @@ def main(argv=None) -> int:
             continue
         flops = attention_flops(1, tokens, tokens, args.heads, args.head_dim, causal=True, mode=mode) * useful
         say(f"{mode}: {seconds:.2f} s, {flops / seconds / size / 1e12:.3g} TF/s per {unit}")
-        results.append({"pass": mode, "time_s": seconds, "tflops_per_gpu": flops / seconds / size / 1e12})
+        results.append({"pass": mode, "time_s": seconds, "tflops_per_gpu": flops / seconds / size / 1e12,
+                        "peak_bytes": measured[mode], "estimate_bytes": estimates[mode]})
 
     # --- the sampled-row check ------------------------------------------------------------
     start = time.perf_counter()
