@@ -401,21 +401,24 @@ def run(args) -> int:
         card = card_name()
     common = dict(card=card, date=today(), command=f"mpiexec -n {comm.Get_size()} {command_line()}", dtype=args.dtype,
                   heads=args.heads, heads_kv=args.heads_kv, head_dim=args.head_dim, array=_kind(xp))
+    name = card.split(" (")[0].replace(" ", "_")
+    path = args.out or os.path.join("bench", "results", f"longctx-{name}-{today()}.json")
+    # Most telling first; the rows are rewritten after each part, so a job cut short keeps them.
+    parts = [
+        (args.memory, lambda: memory_rows(comm, xp, args, dtype, common, args.memory)),
+        (args.max_context and xp is not np, lambda: max_context_rows(comm, xp, args, dtype, common)),
+        (args.varlen, lambda: varlen_rows(comm, xp, args, dtype, common)),
+        (args.timeline, lambda: timeline_rows(comm, xp, args, dtype, common)),
+        (args.memory_varlen, lambda: memory_rows(comm, xp, args, dtype, common, args.memory_varlen,
+                                                 args.documents or 16 * comm.Get_size())),
+    ]
     rows = []
-    if args.memory:
-        rows += memory_rows(comm, xp, args, dtype, common, args.memory)
-    if args.memory_varlen:
-        rows += memory_rows(comm, xp, args, dtype, common, args.memory_varlen, args.documents or 16 * comm.Get_size())
-    if args.varlen:
-        rows += varlen_rows(comm, xp, args, dtype, common)
-    if args.timeline:
-        rows += timeline_rows(comm, xp, args, dtype, common)
-    if args.max_context and xp is not np:
-        rows += max_context_rows(comm, xp, args, dtype, common)
+    for wanted, part in parts:
+        if wanted:
+            rows += part()
+            if comm.Get_rank() == 0:
+                write_rows(path, rows)
     if comm.Get_rank() == 0:
-        name = card.split(" (")[0].replace(" ", "_")
-        path = args.out or os.path.join("bench", "results", f"longctx-{name}-{today()}.json")
-        write_rows(path, rows)
         print(f"wrote {len(rows)} rows to {path}")
         if args.plot:
             from mpiring.bench.plots import plot_rows
