@@ -190,27 +190,44 @@ def _staging(z: _Sizes, backward: bool) -> dict[str, int]:
 
 
 # --- the blockwise backend (mpiring/backends/numpy_.py), NumPy or CuPy ---------------------
+def _tile_rows(length: int, tile: int) -> list[int]:
+    """Rows of the backend's tiles over one segment: full tiles, then the remainder."""
+    return [min(tile, length - a) for a in range(0, length, tile)]
+
+
 def _tile_terms(z: _Sizes, layout: str, array: str, masked: bool, backward: bool) -> dict[str, int]:
     """Score-tile temporaries of one ring step: independent of seqlen once it exceeds a tile.
 
-    T = one score tile ``(B, H, tile_q, tile_k)`` in the compute dtype. Forward keeps p of
-    the previous tile pair while the next is computed (s, p_old, s − m, p: 4T); backward
-    also keeps dS (s, p_old, dS_old, s − lse, p: 5T). With a single tile pair per step the
-    old ones don't exist (forward 3T; backward s, p, dO·Vᵀ, dO·Vᵀ − δ: 4T).
+    For the tile pair in hand (``cur`` bytes of scores ``(B, H, rows_q, rows_k)``) with the
+    previous pair's arrays still bound (``prev``; the backend visits pairs q-tile-major):
+
+    * forward: s, s − max, p and the previous p: ``3·cur + prev``; with a mask, s, the
+      previous p and the mask temporaries (int64 position differences …): ``cur + prev +
+      18 B/pair``, then s, the mask, where(mask, s, −inf): ``2·cur + prev + 1 B/pair``;
+    * backward: s, s − lse, p, and the previous p and dS: ``3·cur + 2·prev``; forming dS:
+      s, p, dO·Vᵀ, dO·Vᵀ − δ and the previous dS: ``4·cur + prev``; masks as forward.
+
+    Pairs skipped by the mask allocate nothing; counting them keeps this an upper bound.
     """
     bh = z.batch * z.heads
     tile = _tile_size(_TILE_BUDGET.get(array, _TILE_BUDGET["numpy"]), bh)
     segs = _layout.segments(layout, 0, max(z.size, 1), z.seqlen)
-    tq = tk = min(tile, max(seg.length for seg in segs))
-    pairs = sum(-(-seg.length // tile) for seg in segs) ** 2
-    score = bh * tq * tk * z.c
-    # Tiles still bound from the previous pair of the step: p (forward); p and dS (backward).
-    left = (2 if backward else 1) if pairs > 1 else 0
-    scores = (3 + left) * score  # s, s − max (or s − lse), p, and the leftovers
-    if backward:  # s, p, dO·Vᵀ, dO·Vᵀ − δ while dS is formed
-        scores = max(scores, (4 + min(left, 1)) * score)
-    if masked:  # the mask tile is built next to s, then s is replaced by where(mask, s, −inf)
-        scores = max(scores, (1 + left) * score + _MASK_PAIR_BYTES * tq * tk, (2 + left) * score + tq * tk)
+    rows = [r for seg in segs for r in _tile_rows(seg.length, tile)]
+    if len(rows) > 64:  # long steps: full tiles follow full tiles; the remainders are smaller
+        rows = [tile] * 3
+    scores, prev = 0, 0
+    for q_rows in rows:
+        for k_rows in rows:
+            cur = bh * q_rows * k_rows * z.c
+            if backward:
+                need = max(3 * cur + 2 * prev, 4 * cur + prev)
+                mask = max(cur + 2 * prev + _MASK_PAIR_BYTES * q_rows * k_rows, 2 * cur + 2 * prev + q_rows * k_rows)
+            else:
+                need = 3 * cur + prev
+                mask = max(cur + prev + _MASK_PAIR_BYTES * q_rows * k_rows, 2 * cur + prev + q_rows * k_rows)
+            scores = max(scores, need, mask if masked else 0)
+            prev = cur
+    tq = tk = max(rows, default=0)
     acc_tile = bh * tq * z.head_dim * z.c
     kv_tile = z.batch * z.heads_kv * tk * z.head_dim * z.c
     terms = {"score tiles": scores, "row temporaries": 6 * bh * tq * z.c}
