@@ -31,6 +31,7 @@ from importlib import resources
 import numpy as np
 
 from mpiring._xp import bfloat16
+from mpiring.backends.numpy_ import record_event
 from mpiring.layout import Mask, Segment
 
 __all__ = ["CudaKernelBackend", "TILES", "kernel_applies", "kernel_sources", "compile_options"]
@@ -192,9 +193,7 @@ class CudaKernelBackend:
 
     def record(self):
         """An event recorded on the current stream after the work queued so far."""
-        event = self.xp.cuda.Event(block=False, disable_timing=True)
-        event.record()
-        return event
+        return record_event(self.xp)
 
     def empty_like(self, buf):
         return self.xp.empty_like(buf)

@@ -103,6 +103,16 @@ class _TilePairs:
         return ok[:, None, :]
 
 
+def record_event(xp):
+    """None on NumPy (synchronous); on CuPy an event recorded on the current stream after
+    the work queued so far, which the GPU transports wait on (their readiness tokens)."""
+    if xp is np:
+        return None
+    event = xp.cuda.Event(block=False, disable_timing=True)
+    event.record()
+    return event
+
+
 @dataclass
 class FwdState:
     q: object  # (B, Hkv, Sq, G, D), pre-scaled
@@ -157,13 +167,8 @@ class BlockwiseBackend:
         return xp.ascontiguousarray(xp.stack([k, v]).transpose(0, 1, 3, 2, 4))
 
     def record(self):
-        """A completion token for the work queued so far: None on NumPy (synchronous),
-        a CUDA event on the current stream for CuPy."""
-        if self.xp is np:
-            return None
-        event = self.xp.cuda.Event(block=False, disable_timing=True)
-        event.record()
-        return event
+        """A completion token for the work queued so far (see :func:`record_event`)."""
+        return record_event(self.xp)
 
     def empty_like(self, buf):
         return self.xp.empty_like(buf)
