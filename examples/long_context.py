@@ -33,7 +33,7 @@ from mpi4py import MPI
 import mpiring
 from mpiring._xp import array_module as array_module_of
 from mpiring.bench.common import attention_flops
-from mpiring.bench.longctx import PeakMemory
+from mpiring.bench.longctx import PeakMemory, run_array_module
 from mpiring.layout import make_mask, positions
 from mpiring.transport import Transport, select_transport
 
@@ -49,21 +49,6 @@ def parse_tokens(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
-
-
-def array_module(cpu: bool):
-    if not cpu:
-        try:
-            import cupy
-
-            if cupy.is_available():
-                from mpiring.transport.gpu import select_device
-
-                select_device(MPI.COMM_WORLD)
-                return cupy
-        except ImportError:
-            pass
-    return np
 
 
 class ProgressTransport(Transport):
@@ -256,7 +241,7 @@ def main(argv=None) -> int:
     if tokens % chunks:
         raise SystemExit(f"--tokens={tokens} must be divisible by {chunks} for layout={args.layout!r} on {size} ranks")
     seqlen_local = tokens // size
-    xp = array_module(args.cpu)
+    xp = run_array_module(args.cpu)
     rng = np.random.default_rng(args.seed)
     cu_seqlens = random_documents(rng, tokens, args.documents) if args.documents > 1 else None
     options = dict(causal=True, layout=args.layout, cu_seqlens=cu_seqlens)

@@ -124,7 +124,9 @@ class PeakMemory:
         return False
 
 
-def _module(cpu: bool):
+def run_array_module(cpu: bool):
+    """CuPy on this rank's GPU (chosen by local rank) when one is usable and ``cpu`` is
+    False, else NumPy."""
     if not cpu:
         try:
             import cupy
@@ -391,7 +393,7 @@ def _say(comm, text: str) -> None:
 
 def run(args) -> int:
     comm = MPI.COMM_WORLD
-    xp = _module(args.cpu)
+    xp = run_array_module(args.cpu)
     dtype = np.dtype(getattr(np, DTYPES[args.dtype], None) or _bfloat16())
     if xp is np:
         card = f"CPU ({os.cpu_count()} cores)"
