@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import to_host
+from helpers import to_host, usable_cupy
 
 import mpiring
 
 
-def _cupy_or_none():
-    try:
-        import cupy
-    except ImportError:
-        return None
-    try:
-        return cupy if cupy.is_available() else None
-    except Exception:  # noqa: BLE001 - a broken CUDA install counts as "no GPU"
-        return None
-
-
 def array_module_params():
     """``pytest.param`` for NumPy, and for CuPy (marked ``gpu``, skipped without a GPU)."""
-    cupy = _cupy_or_none()
+    cupy = usable_cupy()
     skip = pytest.mark.skipif(cupy is None, reason="needs CuPy and a CUDA device")
     return [pytest.param(np, id="numpy"), pytest.param(cupy, id="cupy", marks=[pytest.mark.gpu, skip])]
 

@@ -21,6 +21,18 @@ DTYPES = (np.float64, np.float32, np.float16, bfloat16)
 REL_TOL = {np.dtype(np.float64): 1e-11, np.dtype(np.float32): 2e-5}
 
 
+def usable_cupy():
+    """The cupy module if it imports and sees a GPU, else None (GPU tests then skip)."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken CUDA install counts as "no GPU"
+        return None
+
+
 def random_problem(seed, batch, seqlen, heads, heads_kv, head_dim, dtype, *, scale=1.0):
     """Global q, k, v, dout (standard normal × scale, rounded to ``dtype``); same on every rank."""
     rng = np.random.default_rng(seed)

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 import pytest
-from helpers import assert_close, check_ring, dense_same_precision, random_problem, to_host
+from helpers import assert_close, check_ring, dense_same_precision, random_problem, to_host, usable_cupy
 from ml_dtypes import bfloat16
 from mpi4py import MPI
 
@@ -19,19 +19,7 @@ from mpiring.api import private_comm
 from mpiring.transport import chosen_transport
 from mpiring.transport.gpu import byte_pieces, mpi_cuda_support, select_gpu_transport
 
-
-def _cupy():
-    try:
-        import cupy
-    except ImportError:
-        return None
-    try:
-        return cupy if cupy.is_available() else None
-    except Exception:  # a broken driver install: no GPU for us
-        return None
-
-
-cp = _cupy()
+cp = usable_cupy()
 gpu = pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device")
 CUDA_AWARE = mpi_cuda_support()[0]
 TRANSPORTS = [
