@@ -7,23 +7,13 @@
 set -o pipefail
 NP=${1:-$(nvidia-smi -L | wc -l)}
 . bench/gpu_setup.sh || exit 1
-declare -A result
 
-run() {  # run NAME MPIRUN ARGS...: one pytest job, its last line into the table
-    local name=$1; shift
-    echo "=== $name: $*"
-    "$@" 2>&1 | tee "$OUT/$name.log"
-    result[$name]="rc=$? $(grep -aE '(passed|failed|error)' "$OUT/$name.log" | tail -1)"
-}
-
-run "system-mpi-n$NP" mpirun --bind-to none -np "$NP" -x PYTHONPATH -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED $PYTEST
-(
-    . bench/gpu_env.sh .gpu/openmpi-4.1.4-cuda.tar.gz || exit 1
+run "system-mpi-n$NP" $SYSTEM_MPIRUN -np "$NP" $PYTEST
+if . bench/gpu_env.sh .gpu/openmpi-4.1.4-cuda.tar.gz; then
     python3 -c "from mpi4py import MPI; print(MPI.Get_library_version().splitlines()[0])"
     ompi_info --parsable --all | grep mpi_built_with_cuda_support
     run "cuda-mpi-n$NP" $MPIRUN -np "$NP" $PYTEST -k "mpi-cuda or auto"
-    declare -p result > "$OUT/.cuda-result"
-)
-[ -f "$OUT/.cuda-result" ] && . "$OUT/.cuda-result" && rm -f "$OUT/.cuda-result"
-echo; echo "| job | result |"; echo "|---|---|"
-for name in "${!result[@]}"; do echo "| $name | ${result[$name]} |"; done
+else
+    skipped "cuda-mpi-n$NP" "bench/gpu_env.sh failed (.gpu/openmpi-4.1.4-cuda.tar.gz missing?)"
+fi
+result_table

@@ -30,3 +30,16 @@ def comm():
 def seed(request):
     """Same on every rank (so all ranks build the same global problem), new per test."""
     return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture(scope="module")
+def one_gpu_per_rank():
+    """GPU ``local_rank mod device_count`` current on each rank (collective; nothing
+    without a GPU). GPU test modules use it for all their tests:
+    ``pytestmark = pytest.mark.usefixtures("one_gpu_per_rank")``."""
+    from helpers import usable_cupy
+
+    if usable_cupy() is not None:
+        from mpiring.transport.gpu import select_device
+
+        select_device(MPI.COMM_WORLD)

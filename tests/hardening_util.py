@@ -1,5 +1,6 @@
-"""Helpers for the hardening tests (test_hardening, test_fuzz, test_soak): array
-modules to run on, outcomes agreed across ranks, bitwise comparison, process memory.
+"""Helpers for the hardening tests (test_hardening, test_gpu_hardening, test_fuzz,
+test_soak): array modules to run on, outcomes agreed across ranks, bitwise comparison,
+a host transport with random delays, process memory.
 
 A test that fails on one rank only must fail on every rank, or the ranks that
 passed go on to the next collective and wait for the failed one until the
@@ -9,11 +10,14 @@ that every rank raises the same assertion.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from helpers import to_host, usable_cupy
 
 import mpiring
+from mpiring.transport import MpiHostTransport
 
 
 def array_module_params():
@@ -24,6 +28,20 @@ def array_module_params():
 
 
 ARRAY_MODULES = array_module_params()
+
+
+class JitteryTransport(MpiHostTransport):
+    """Host transport that waits a random 0–2 ms before each wait: other arrival orders."""
+
+    name = "jittery"
+
+    def __init__(self, comm, seed):
+        super().__init__(comm)
+        self.rng = np.random.default_rng(seed + self.rank)
+
+    def _wait(self, exchange, deadline):
+        time.sleep(self.rng.uniform(0, 2e-3))
+        super()._wait(exchange, deadline)
 
 
 def bitwise_equal(a, b) -> bool:

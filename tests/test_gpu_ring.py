@@ -10,9 +10,16 @@ import os
 
 import numpy as np
 import pytest
-from helpers import assert_close, check_ring, dense_same_precision, random_problem, to_host, usable_cupy
+from helpers import (
+    assert_close,
+    check_ring,
+    dense_same_precision,
+    gpu_transport_params,
+    random_problem,
+    to_host,
+    usable_cupy,
+)
 from ml_dtypes import bfloat16
-from mpi4py import MPI
 
 import mpiring
 from mpiring.api import private_comm
@@ -22,19 +29,8 @@ from mpiring.transport.gpu import byte_pieces, mpi_cuda_support, select_gpu_tran
 cp = usable_cupy()
 gpu = pytest.mark.skipif(cp is None, reason="needs CuPy and a CUDA device")
 CUDA_AWARE = mpi_cuda_support()[0]
-TRANSPORTS = [
-    pytest.param("mpi-cuda", marks=pytest.mark.skipif(not CUDA_AWARE, reason="the loaded MPI is not CUDA-aware")),
-    "mpi-staged",
-    "nccl",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_gpu_per_rank():
-    if cp is not None:
-        from mpiring.transport.gpu import select_device
-
-        select_device(MPI.COMM_WORLD)
+TRANSPORTS = gpu_transport_params()
+pytestmark = pytest.mark.usefixtures("one_gpu_per_rank")
 
 
 # --- without a GPU --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from hardening_util import (
     ARRAY_MODULES,
+    JitteryTransport,
     agree,
     assert_raises_everywhere,
     bitwise_equal,
@@ -420,20 +421,6 @@ def test_timeout_when_a_rank_stops_sending(comm):
 
 
 # --- determinism ------------------------------------------------------------------------
-class JitteryTransport(MpiHostTransport):
-    """Host transport that waits a random 0–2 ms before each wait: other arrival orders."""
-
-    name = "jittery"
-
-    def __init__(self, comm, seed):
-        super().__init__(comm)
-        self.rng = np.random.default_rng(seed + self.rank)
-
-    def _wait(self, exchange, deadline):
-        time.sleep(self.rng.uniform(0, 2e-3))
-        super()._wait(exchange, deadline)
-
-
 @pytest.mark.parametrize("xp", ARRAY_MODULES)
 @pytest.mark.parametrize("dtype", [np.float32, bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout,options", [("zigzag", {"causal": True}), ("striped", {"window": (7, 2)}),
