@@ -109,6 +109,18 @@ def _check_arrays(named: dict) -> None:
     devices = {name: x.device.id for name, x in named.items() if is_cupy(x)}
     if len(set(devices.values())) > 1:
         raise _LocalError(ValueError, f"arrays must all be on one GPU, got devices {devices}")
+    if devices:
+        # The ring's buffers, streams and transport live on the current device.
+        import cupy
+
+        on, current = next(iter(devices.values())), cupy.cuda.Device().id
+        if on != current:
+            raise _LocalError(
+                ValueError,
+                f"arrays are on GPU {on} but the current CuPy device is GPU {current}: make GPU {on} current "
+                f"(cupy.cuda.Device({on}).use()) or allocate on GPU {current} "
+                "(mpiring.transport.gpu.select_device() picks one GPU per rank)",
+            )
     for name, x in named.items():
         if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
             names = [dtype_name(d) for d in SUPPORTED_DTYPES]
@@ -149,7 +161,7 @@ class _Call:
 
 
 def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
-             lse=_FORWARD, problem=None):
+             lse=_FORWARD, problem=None, deterministic=True):
     comm = _resolve_comm(comm, fn)
     pcomm = private_comm(comm)
     _arrive(pcomm, fn, timeout)
@@ -180,6 +192,8 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             )
         if lse is not _FORWARD:
             _check_lse(lse, q)
+        if not isinstance(deterministic, (bool, np.bool_)):
+            raise _LocalError(TypeError, f"deterministic={deterministic!r} must be True or False")
         if timeout is not None and not _valid_timeout(timeout):
             raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
@@ -221,7 +235,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
     timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
-                          steps=sum(active))
+                          steps=sum(active), deterministic=bool(deterministic))
     return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active, timeout, layout)
 
 
@@ -422,7 +436,7 @@ def _forward(call: _Call, q, k, v):
 
 def ring_attention_backward(
     dout, q, k, v, out, lse, comm=None, *, causal=False, softmax_scale=None, layout="contiguous",
-    window=None, cu_seqlens=None, transport="auto", timeout=None,
+    window=None, cu_seqlens=None, transport="auto", timeout=None, deterministic=True,
 ):
     """Gradients of :func:`ring_attention` (same options, same shards).
 
@@ -432,6 +446,9 @@ def ring_attention_backward(
     q, k, v : as passed to :func:`ring_attention`.
     out, lse : as returned by :func:`ring_attention`.
     timeout : as in :func:`ring_attention`.
+    deterministic : True (default): bitwise identical gradients for identical inputs, on
+        every run and every transport. False lets the CUDA kernels add dQ with atomics
+        in whatever order they land (a little faster; results vary in the last bits).
 
     Returns
     -------
@@ -447,7 +464,7 @@ def ring_attention_backward(
     call = _prepare(
         "ring_attention_backward", comm, arrays, problem=problem,
         causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
-        cu_seqlens=cu_seqlens, transport=transport, timeout=timeout, lse=lse,
+        cu_seqlens=cu_seqlens, transport=transport, timeout=timeout, lse=lse, deterministic=deterministic,
     )
     grads = _backward(call, arrays["dout"], arrays["q"], arrays["k"], arrays["v"], arrays["out"], lse)
     return tuple(export(g) for g in grads)

@@ -55,6 +55,21 @@ def random_problem(seed, batch, seqlen, heads, heads_kv, head_dim, dtype, *, sca
     return [(rng.standard_normal(s) * scale).astype(dtype) for s in shapes]
 
 
+def random_cu_seqlens(rng, total: int) -> np.ndarray:
+    """Boundaries ``[0, …, total]`` with length-1 documents, an empty one (a repeated
+    boundary) and one long document of about a third of the sequence, which spans ranks
+    whenever there are several; the rest random."""
+    long_doc = max(2, total // 3)
+    lengths = [1, 1, 0, long_doc, 1]
+    rest = total - sum(lengths)
+    while rest > 0:
+        n = int(min(rest, rng.integers(1, max(2, total // 6))))
+        lengths.append(n)
+        rest -= n
+    lengths = [lengths[i] for i in rng.permutation(len(lengths))]
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
 def poison_like(x):
     """An array like x full of NaN: elements a kernel fails to write stay NaN."""
     out = np.empty_like(x)

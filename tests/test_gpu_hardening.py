@@ -122,16 +122,11 @@ def test_all_arrays_on_another_gpu(comm, seed, direction):
     rank's current device: a ValueError naming both devices and the rank on every rank
     (``expected_other_gpu_message``); the next call works.
 
-    NOT CAUGHT TODAY: api.py's _check_arrays only checks that the arrays share one GPU, not
-    that it is the current one, so this rank would launch its kernels on the arrays' GPU
-    and then hand those buffers to a transport built for the current GPU (the GpuTransport
-    buffer check raises on this rank alone, inside the ring, while the other ranks wait
-    for its messages: a hang, or with NCCL a kernel stuck on the stream). Running that
-    here would wreck the rest of the session, so the test first asks api.py's own local
-    check (_check_arrays, no communication) whether it rejects these arrays, agrees on
-    the answer, and xfails on every rank if it does not. Once _check_arrays raises (a
-    _LocalError, so _agree adds the rank) the test runs the real collective call and
-    expects ValueError with ``expected_other_gpu_message(other, current)`` in it."""
+    _check_arrays rejects this before any communication. Were that check lost, the rank
+    would run its kernels on the arrays' GPU and hand the buffers to a transport built for
+    the current one, which raises on that rank alone inside the ring while the others
+    wait: a hang. So the test asks _check_arrays first (locally), agrees on the answer and
+    fails on every rank if it accepts the arrays, before running the collective call."""
     from mpiring.api import _check_arrays, _LocalError
 
     needs_gpus()
@@ -149,12 +144,12 @@ def test_all_arrays_on_another_gpu(comm, seed, direction):
             call = {name: cp.asarray(x.get()) for name, x in call.items()}
         try:
             _check_arrays({name: x for name, x in call.items() if name != "lse"})
-            missed = f"api.py's _check_arrays accepts arrays on GPU {other} with GPU {current} current (see docstring)"
+            missed = f"api.py's _check_arrays accepts arrays on GPU {other} with GPU {current} current"
         except _LocalError:
             pass  # rejected before any communication: safe to run the collective call
     missed = comm.bcast(missed, root=last)
     if missed:
-        pytest.xfail(missed)
+        pytest.fail(missed)
     fn = mpiring.ring_attention if direction == "forward" else mpiring.ring_attention_backward
     err = assert_raises_everywhere(
         comm, ValueError, expected_other_gpu_message(other, current), lambda: fn(comm=comm, **call), xp=cp

@@ -10,7 +10,14 @@ striped (stride N) masks run through the kernels without MPI; the public
 
 import numpy as np
 import pytest
-from helpers import LOW_PRECISION, assert_close, dense_same_precision, random_problem, rel_err
+from helpers import (
+    LOW_PRECISION,
+    assert_close,
+    dense_same_precision,
+    random_cu_seqlens,
+    random_problem,
+    rel_err,
+)
 from ml_dtypes import bfloat16
 from mpi4py import MPI
 
@@ -67,13 +74,14 @@ def _emulated_ring(q, k, v, dout, *, size, layout, mask, scale):
 
 
 def _check(seed, *, size, seqlen_local, heads, heads_kv, head_dim, dtype, layout, causal=False, window=None,
-           batch=1):
+           batch=1, documents=False):
     q, k, v, dout = random_problem(seed, batch, seqlen_local * size, heads, heads_kv, head_dim, dtype)
-    opts = {"causal": causal, "window": window}
+    cu = random_cu_seqlens(np.random.default_rng(seed + 1), seqlen_local * size) if documents else None
+    opts = {"causal": causal, "window": window, "cu_seqlens": cu}
     out_ref, lse_ref = mpiring.attention_reference(q, k, v, **opts)
     grads_ref = mpiring.attention_reference_backward(dout, q, k, v, **opts)
     lowp = dense_same_precision(q, k, v, dout, dtype, **opts)
-    mask = L.make_mask(causal, window)
+    mask = L.make_mask(causal, window, cu)
     pos, results, dk, dv = _emulated_ring(q, k, v, dout, size=size, layout=layout, mask=mask,
                                           scale=1 / np.sqrt(head_dim))
     cat = lambda xs, axis=1: np.concatenate(xs, axis=axis)  # noqa: E731
@@ -110,6 +118,72 @@ def test_kernels_many_tiles(seed, dtype, causal, window, head_dim):
     """Lengths spanning many tiles (pipelining, skipped tiles; zigzag segments of 265) and batch > 1."""
     _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=head_dim, dtype=dtype,
            layout="zigzag", causal=causal, window=window, batch=2)
+
+
+@pytest.mark.parametrize("causal,window", MASKS)
+@pytest.mark.parametrize("layout", L.LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernels_documents(seed, dtype, layout, causal, window):
+    """Packed documents (cu_seqlens) through the kernels: length-1 and empty documents,
+    one spanning the virtual ranks, boundaries inside tiles; GQA."""
+    _check(seed, size=3, seqlen_local=98 if layout == "zigzag" else 97, heads=4, heads_kv=2, head_dim=64,
+           dtype=dtype, layout=layout, causal=causal, window=window, documents=True)
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 300)])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernels_documents_many_tiles(seed, causal, window, head_dim):
+    """Documents over many tiles: whole tiles inside one document (no per-element mask),
+    tiles skipped between documents, and the deterministic dQ order across them."""
+    _check(seed, size=2, seqlen_local=1030, heads=4, heads_kv=2, head_dim=head_dim, dtype=bfloat16,
+           layout="zigzag", causal=causal, window=window, documents=True)
+
+
+def _backward_bits(seed, *, layout, causal, window=None, documents=False, deterministic=True, runs=2):
+    """dq, dk, dv of ``runs`` identical backward calls (as uint16 bits), one K/V block of 2 virtual ranks."""
+    size, seqlen_local, heads, heads_kv, head_dim = 2, 2050, 8, 2, 128
+    q, k, v, dout = (cupy.asarray(x) for x in random_problem(seed, 1, seqlen_local, heads, heads_kv, head_dim,
+                                                             bfloat16))
+    cu = random_cu_seqlens(np.random.default_rng(seed), seqlen_local * size) if documents else None
+    mask = L.make_mask(causal, window, cu)
+    q_segs = L.segments(layout, 1, size, seqlen_local)
+    results = []
+    for _ in range(runs):
+        be = CudaKernelBackend(steps=2, deterministic=deterministic)
+        kv = [be.pack_kv(k, v), be.pack_kv(v, k)]
+        segs = [q_segs, L.segments(layout, 0, size, seqlen_local)]
+        st = be.fwd_begin(q, heads_kv, 0.1)
+        for s in range(2):
+            be.fwd_step(st, kv[s], q_segs, segs[s], mask)
+        out, lse = be.fwd_end(st)
+        bst = be.bwd_begin(dout, q, out, lse, heads_kv, 0.1)
+        dkv = [be.zeros_dkv(kv[0]) for _ in range(2)]
+        for s in range(2):
+            be.bwd_step(bst, kv[s], dkv[s], q_segs, segs[s], mask)
+        grads = be.bwd_end(bst, dkv[0], k.dtype)
+        results.append([g.view(np.uint16).get() for g in grads] + [dkv[1].get()])
+    return results
+
+
+@pytest.mark.parametrize("layout,causal,window,documents", [
+    ("contiguous", False, None, False), ("zigzag", True, None, False), ("striped", True, 256, False),
+    ("zigzag", True, None, True),
+])
+def test_backward_is_deterministic(seed, layout, causal, window, documents):
+    """Identical inputs give bitwise identical dq, dk, dv: the key tiles add into dQ in a fixed order."""
+    first, *others = _backward_bits(seed, layout=layout, causal=causal, window=window, documents=documents, runs=3)
+    for other in others:
+        for name, a, b in zip(("dq", "dk", "dv", "dkv partial"), first, other):
+            assert np.array_equal(a, b), f"{name} differs between identical calls"
+
+
+def test_atomic_dq_agrees_with_deterministic(seed):
+    """deterministic=False (atomic adds in any order) computes the same gradients up to fp32 rounding."""
+    (det,) = _backward_bits(seed, layout="zigzag", causal=True, runs=1)
+    (fast,) = _backward_bits(seed, layout="zigzag", causal=True, deterministic=False, runs=1)
+    for name, a, b in zip(("dq", "dk", "dv"), det, fast):
+        a, b = a.view(bfloat16).astype(np.float32), b.view(bfloat16).astype(np.float32)
+        assert rel_err(b, a) < 1e-2, name
 
 
 def _dense(q, k, v, dout, allowed, scale):
@@ -179,6 +253,7 @@ def test_public_api_one_gpu(seed, dtype, head_dim, kernel):
     """ring_attention on CuPy arrays at -n 1: kernels where they apply, the cuBLAS fallback elsewhere."""
     comm = MPI.COMM_SELF
     be = backend_for(cupy, dtype=np.dtype(dtype), head_dim=head_dim, mask=L.make_mask(True), steps=1)
+    assert not isinstance(be, CudaKernelBackend) or be.deterministic
     assert isinstance(be, CudaKernelBackend) == kernel
     q, k, v, dout = random_problem(seed, 2, 1025, 4, 2, head_dim, dtype)
     opts = {"causal": True}

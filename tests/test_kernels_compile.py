@@ -77,7 +77,7 @@ def test_nvrtc_reports_errors(nvrtc):
     ("float32", 64, None, 100, False),  # full fp32 through cuBLAS, not tf32
     ("bfloat16", 256, None, 100, False),
     ("bfloat16", 80, None, 100, False),
-    ("bfloat16", 64, L.make_mask(False, None, [0, 50, 100]), 100, False),  # documents: issue 5
+    ("bfloat16", 64, L.make_mask(False, None, [0, 50, 100]), 100, True),  # documents (cu_seqlens)
     ("bfloat16", 64, None, 1 << 29, False),  # positions must fit the kernels' int32 arithmetic
 ])
 def test_kernel_applies(dtype, head_dim, mask, seqlen, expected):

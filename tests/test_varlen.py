@@ -9,28 +9,13 @@ backward, on NumPy and (where there is a GPU) CuPy.
 import numpy as np
 import pytest
 from hardening_util import ARRAY_MODULES
-from helpers import check_ring, random_problem
+from helpers import check_ring, random_cu_seqlens, random_problem
 from ml_dtypes import bfloat16
 
 import mpiring
 import mpiring.backends.numpy_ as numpy_backend
 from mpiring.backends.numpy_ import _TilePairs
 from mpiring.layout import LAYOUTS, make_mask, positions, segments, step_schedule
-
-
-def random_cu_seqlens(rng, total: int) -> np.ndarray:
-    """Boundaries ``[0, …, total]`` with length-1 documents, an empty one (a repeated
-    boundary) and one long document of about a third of the sequence, which spans ranks
-    whenever there are several; the rest random."""
-    long_doc = max(2, total // 3)
-    lengths = [1, 1, 0, long_doc, 1]
-    rest = total - sum(lengths)
-    while rest > 0:
-        n = int(min(rest, rng.integers(1, max(2, total // 6))))
-        lengths.append(n)
-        rest -= n
-    lengths = [lengths[i] for i in rng.permutation(len(lengths))]
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
 def seqlen_for(layout: str, odd: int) -> int:

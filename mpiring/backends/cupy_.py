@@ -11,7 +11,10 @@ Internal layouts (all contiguous; B batch, S tokens, H q heads, Hkv kv heads, D 
 * travelling K/V: ``(2, B, Sk, Hkv, D)`` input dtype; travelling dK/dV: same shape, float32
 * forward state: ``acc`` ``(B, Sq, H, D)`` float32; ``m`` (log2 units, scale folded in)
   and ``l`` ``(B, H, Sq)`` float32
-* backward: ``dq_acc`` ``(B, Sq, H, D)`` float32 (scale applied), ``delta`` ``(B, H, Sq)``
+* backward: ``dq_acc`` ``(B, Sq, H, D)`` float32 (scale applied), ``delta`` ``(B, H, Sq)``;
+  deterministic dQ: ``dq_sem`` int32 ``(1 + B·H·ceil(Sq/BM),)``, zeroed before each step
+* packed documents (``cu_seqlens``): int32 document id per local row of Q and of the
+  K/V block in hand, computed on the device from the block's segments
 
 When the backend knows how many ring steps will run (``steps``), the first step
 starts the softmax from nothing and the last one writes ``out``/``lse`` directly,
@@ -57,15 +60,10 @@ _NEG_INF = float("-inf")
 
 def kernel_applies(dtype, head_dim: int, mask: Mask | None = None, seqlen_global: int = 0) -> bool:
     """True where the CUDA kernels cover the call: float16/bfloat16, head dims 32, 64, 96,
-    128 (64 and 128 tuned), no ``cu_seqlens``, fewer than 2**29 tokens. Elsewhere (float32 —
-    full fp32, not tf32 —, float64, head dim 256, documents) the blockwise backend runs
-    on CuPy through cuBLAS: correct, slower."""
-    return (
-        np.dtype(dtype) in KERNEL_DTYPES
-        and head_dim in TILES
-        and (mask is None or mask.cu_seqlens is None)  # per-document masks: issue 5
-        and seqlen_global < 2**29
-    )
+    128 (64 and 128 tuned), fewer than 2**29 tokens (any mask, ``cu_seqlens`` included).
+    Elsewhere (float32 — full fp32, not tf32 —, float64, head dim 256) the blockwise
+    backend runs on CuPy through cuBLAS: correct, slower."""
+    return np.dtype(dtype) in KERNEL_DTYPES and head_dim in TILES and seqlen_global < 2**29
 
 
 def kernel_sources() -> dict[str, str]:
@@ -118,12 +116,30 @@ def _segs(segs: tuple[Segment, ...], length: int):
     return (s0.start, s0.stride, s0.length, segs[1].start, segs[1].stride)
 
 
-def _mask_args(mask: Mask):
+def _increasing(segs: tuple[Segment, ...]) -> bool:
+    """Positions increase with the local row (every layout's segments do): what the
+    kernels' tile skipping and the deterministic dQ order rely on."""
+    return all(s.stride > 0 for s in segs) and all(a.last < b.start for a, b in zip(segs, segs[1:]))
+
+
+def _documents(xp, cu, segs: tuple[Segment, ...]):
+    """Document id (int32, on the current device) of each local row of ``segs``;
+    ``cu``: the boundaries (cu_seqlens) on that device."""
+    pos = xp.concatenate([s.start + s.stride * xp.arange(s.length, dtype=xp.int64) for s in segs])
+    return (xp.searchsorted(cu, pos, side="right") - 1).astype(xp.int32)
+
+
+def _mask_args(mask: Mask, q_doc=None, k_doc=None):
     # A window wider than any distance is no bound (and must fit the kernels' int32).
     left = NO_BOUND if mask.left is None else min(mask.left, NO_BOUND)
     right = NO_BOUND if mask.right_bound is None else min(mask.right_bound, NO_BOUND)
-    null = np.uint64(0)  # per-position document ids: not yet (issue 5)
-    return (np.int32(left), np.int32(right), null, null)
+    null = np.uint64(0)
+    return (np.int32(left), np.int32(right), null if q_doc is None else q_doc, null if k_doc is None else k_doc)
+
+
+def _entry(kernel: str, dtype, docs) -> str:
+    """Kernel entry point: per dtype, and ``_doc`` where document ids are passed."""
+    return f"{kernel}_{KERNEL_DTYPES[dtype]}" + ("" if docs[0] is None else "_doc")
 
 
 def _i32(*xs):
@@ -142,6 +158,8 @@ class FwdState:
     lse: object  # (B, H, Sq) float32
     steps_done: int = 0
     finished: bool = False
+    q_doc: object = None  # (Sq,) int32 document ids (cu_seqlens), computed on first use
+    cu: object = None  # cu_seqlens on the device
 
 
 @dataclass
@@ -153,6 +171,9 @@ class BwdState:
     dq: object  # (B, Sq, H, D) float32, scale applied
     heads_kv: int
     scale: float
+    dq_sem: object = None  # deterministic dQ: per (B, H, query tile) counters, after one ticket
+    q_doc: object = None
+    cu: object = None
 
 
 class CudaKernelBackend:
@@ -163,16 +184,28 @@ class CudaKernelBackend:
     steps : number of ``fwd_step`` calls this ring call will make (None: unknown; the
         state is then finalised by :meth:`fwd_end`).
     tiles : override of :data:`TILES` (benchmarks of other tile shapes).
+    deterministic : the backward adds the dQ contributions of the key tiles in a fixed
+        order (bitwise reproducible); False: atomic adds in whatever order they land.
     """
 
     name = "cuda"
 
-    def __init__(self, steps: int | None = None, tiles: dict | None = None):
+    def __init__(self, steps: int | None = None, tiles: dict | None = None, deterministic: bool = True):
         import cupy
 
         self.xp = cupy
         self.steps = steps
         self.tiles = tiles
+        self.deterministic = deterministic
+
+    def _docs(self, st, mask: Mask, q_segs, k_segs):
+        """(q_doc, k_doc) device arrays where the mask has documents, else (None, None)."""
+        if mask.cu_seqlens is None:
+            return None, None
+        if st.q_doc is None:
+            st.cu = self.xp.asarray(mask.cu_seqlens)
+            st.q_doc = _documents(self.xp, st.cu, q_segs)
+        return st.q_doc, _documents(self.xp, st.cu, k_segs)
 
     def _tiles(self, head_dim: int):
         return (self.tiles or TILES)[head_dim]
@@ -231,12 +264,13 @@ class CudaKernelBackend:
         smem = (bm + 4 * bn) * (d + 8) * 2
         null = np.uint64(0)
         acc, m, l = (null, null, null) if st.acc is None else (st.acc, st.m, st.l)
+        docs = self._docs(st, mask, q_segs, k_segs)
         args = (
             (st.q, kv, acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))
-            + _mask_args(mask) + _i32(first, last)
+            + _mask_args(mask, *docs) + _i32(first, last)
         )
-        self._launch("attention_fwd.cu", f"attn_fwd_{KERNEL_DTYPES[st.q.dtype]}", d, smem, (b * h, -(-sq // bm)),
+        self._launch("attention_fwd.cu", _entry("attn_fwd", st.q.dtype, docs), d, smem, (b * h, -(-sq // bm)),
                      (32 * nw,), args, st.q)
         st.finished = last
 
@@ -281,12 +315,21 @@ class CudaKernelBackend:
         nw, bm, bn = self._tiles(d)["bwd"]
         # K, V; Q, dO double-buffered; P, dS; lse and delta double-buffered.
         smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4
+        sem = np.uint64(0)
+        if self.deterministic:
+            if not (_increasing(q_segs) and _increasing(k_segs)):
+                raise ValueError("deterministic dQ needs positions that increase along each block")
+            if st.dq_sem is None:
+                st.dq_sem = self.xp.empty(1 + b * h * -(-sq // bm), np.int32)
+            st.dq_sem.fill(0)
+            sem = st.dq_sem
+        docs = self._docs(st, mask, q_segs, k_segs)
         args = (
-            (st.q, kv, st.dout, st.lse, st.delta, st.dq, dkv) + _i32(b, h, st.heads_kv, sq, sk)
+            (st.q, kv, st.dout, st.lse, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
-            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask)
+            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, *docs)
         )
-        self._launch("attention_bwd.cu", f"attn_bwd_{KERNEL_DTYPES[st.q.dtype]}", d, smem,
+        self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, docs), d, smem,
                      (b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):

@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
     p.add_argument("--api", action="store_true", help="also time ring_attention(_backward) at one rank")
     p.add_argument("--tiles", default=None,
                    help="tile override, e.g. '128:fwd=4,2,32;bwd=8,64,128' (see mpiring.backends.cupy_.TILES)")
+    p.add_argument("--dq", default="deterministic", choices=("deterministic", "atomic"),
+                   help="backward dQ: ordered adds (the default of ring_attention_backward) or atomics in any order")
     p.add_argument("--out", default=None, help="JSON results path (default bench/results/kernel-<card>-<date>.json)")
 
 
@@ -111,6 +113,7 @@ def run(args) -> int:
             err = _oracle_check(dtype, head_dim)
             tol = 2e-2 if dname == "bf16" else 4e-3
             print(f"# oracle check {dname} d{head_dim}: max rel err {err:.2e}", flush=True)
+            print(f"# resources {_resources(dname, head_dim, args.tile_table)}", flush=True)
             if not err < tol:
                 raise SystemExit(f"kernel disagrees with the float64 oracle: {err:.3e} >= {tol}")
             heads = args.hidden // head_dim
@@ -130,6 +133,21 @@ def run(args) -> int:
     return 0
 
 
+def _resources(dname, head_dim, tiles) -> str:
+    """Registers, spilled (local) bytes and static shared memory of the compiled kernels."""
+    import cupy
+
+    from mpiring.backends.cupy_ import KERNEL_FILES, _kernel
+
+    dev = cupy.cuda.Device().id
+    parts = []
+    for kernel_file in KERNEL_FILES:
+        name = f"attn_{kernel_file.split('_')[1][:3]}_{'bf16' if dname == 'bf16' else 'f16'}"
+        fn = _kernel(dev, kernel_file, name, head_dim, 0, tiles)
+        parts.append(f"{name}: {fn.num_regs} regs, {fn.local_size_bytes} B local, {fn.shared_size_bytes} B static smem")
+    return "; ".join(parts)
+
+
 def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
     from mpiring.backends.cupy_ import CudaKernelBackend
     from mpiring.layout import Segment, make_mask
@@ -137,7 +155,7 @@ def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
     b, s, h, d = q.shape
     flops = {p: attention_flops(b, s, s, h, d, causal=causal, mode=p) for p in ("fwd", "fwd+bwd")}
     iters = args.iters or max(3, min(20, int(2e14 / flops["fwd"])))
-    be = CudaKernelBackend(steps=1, tiles=args.tile_table)
+    be = CudaKernelBackend(steps=1, tiles=args.tile_table, deterministic=args.dq == "deterministic")
     segs, mask, scale = (Segment(0, 1, s),), make_mask(causal), 1 / d**0.5
     kv = be.pack_kv(k, v)
 
@@ -173,7 +191,7 @@ def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
             bench="kernel", card=card, date=today(), command=command_line(), dtype=dname, heads=h, heads_kv=h,
             head_dim=d, seqlen=s, batch=b, n_gpus=1, causal=causal, layout="contiguous", transport=None, **{"pass": p},
             tflops_per_gpu=round(tf, 1), seconds=ours[p],
-            tiles={key: list(val) for key, val in args.tile_table[d].items()},
+            tiles={key: list(val) for key, val in args.tile_table[d].items()}, dq=args.dq,
         )
         if api:
             row["api_tflops_per_gpu"] = round(flops[p] / api[p] / 1e12, 1)

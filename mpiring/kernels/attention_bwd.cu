@@ -4,7 +4,8 @@
 //   q, dout, out  (B, Sq, H, D)        input dtype
 //   kv            (2, B, Sk, Hkv, D)   input dtype (travelling K then V)
 //   lse, delta    (B, H, Sq)   fp32    lse natural log (−inf: row had no key); delta = rowsum(dout∘out)
-//   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomics: many K tiles add to one Q row)
+//   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomic adds: many K tiles add to one Q row)
+//   dq_sem        null, or int32 [1 + B·H·ceil(Sq/BM)], zero: deterministic dQ (below)
 //   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials)
 //
 // One block owns BN keys of one (batch, kv head) and sweeps every query tile of BM
@@ -13,6 +14,13 @@
 // phases with their own warp grids (FA2's): S = Q·Kᵀ and dP = dO·Vᵀ, then P and dS
 // (rounded to the input dtype) go to shared memory; dV += Pᵀ·dO and dK += dSᵀ·Q read
 // them transposed (ldmatrix.trans); dQ += dS·K is reduced into fp32 dq_acc.
+//
+// Deterministic dQ (dq_sem set): the key tiles that meet a query tile form a run
+// [j_lo, j_hi) (positions and documents increase with the row index), and they add into
+// it in increasing order: key tile j waits until the tile's counter reaches j − j_lo,
+// adds, and raises it. Blocks take their (batch·kv head, key tile) from a ticket
+// (dq_sem[0]) in launch order, so a block only ever waits for blocks already running:
+// no deadlock whatever order the hardware starts them in.
 #include "common.cuh"
 
 #ifndef HEAD_DIM
@@ -28,12 +36,13 @@
 #define BWD_BN 128
 #endif
 
-template <typename T, int D, int NW, int BM, int BN>
+template <typename T, int D, int NW, int BM, int BN, bool DOCS>
 __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u16* __restrict__ kv,
                                               const u16* __restrict__ dout, const float* __restrict__ lse,
                                               const float* __restrict__ delta, float* __restrict__ dq_acc,
-                                              float* __restrict__ dkv, int B, int H, int Hkv, int Sq, int Sk,
-                                              float scale_log2, float scale, Segs qs, Segs ks, MaskInfo mask) {
+                                              float* __restrict__ dkv, int* __restrict__ dq_sem, int B, int H, int Hkv, int Sq,
+                                              int Sk, float scale_log2, float scale, Segs qs, Segs ks,
+                                              MaskInfo<DOCS> mask) {
   const int NT = 32 * NW, LD = D + 8, LP = BN + 8;
   // Warp grids of the three phases (each warp: 32 rows = two 16-row MMA blocks).
   const int WM1 = BM / 32, KW1 = BN / (NW / WM1);  // S, dP: 32 queries × KW1 keys per warp
@@ -51,8 +60,16 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   float* sD = sL + 2 * BM;                             // [2][BM]: delta
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int b = blockIdx.x / Hkv, hk = blockIdx.x % Hkv, G = H / Hkv;
-  const int j0 = blockIdx.y * BN;
+  int bx = blockIdx.x, jt = blockIdx.y;
+  if (dq_sem != 0) {
+    __shared__ int ticket;
+    if (threadIdx.x == 0) ticket = atomicAdd(dq_sem, 1);
+    __syncthreads();
+    bx = ticket % gridDim.x;
+    jt = ticket / gridDim.x;
+  }
+  const int b = bx / Hkv, hk = bx % Hkv, G = H / Hkv;
+  const int j0 = jt * BN, nkt = gridDim.y;
   const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
   const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
   const u16* gv = gk + (long long)B * Sk * Hkv * D;
@@ -60,10 +77,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   int klo, khi;
   ks.range(j0, min(j0 + BN, Sk), klo, khi);
   const int nqt = (Sq + BM - 1) / BM;
+  const int j1 = min(j0 + BN, Sk);
   auto tile_class = [&](int t) {
     int qlo, qhi;
     qs.range(t * BM, min(t * BM + BM, Sq), qlo, qhi);
-    const int c = mask.classify(qlo, qhi, klo, khi);
+    const int c = mask.classify(qlo, qhi, klo, khi, t * BM, min(t * BM + BM, Sq), j0, j1);
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // padded keys of the ragged last tile are masked
   };
   // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed.
@@ -122,6 +140,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       for (int e = 0; e < 4; ++e) dk[mi][n][e] = dv[mi][n][e] = 0.f;
 
   int stage = 0;
+  int* added = 0;  // counter of the query tile whose dQ we added last, raised one phase later
   while (w < G * nqt) {
     const int wn = next_work(w + 1);
     if (wn < G * nqt) prefetch(wn, stage ^ 1);
@@ -129,6 +148,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     cp_async_wait<1>();
     __syncthreads();
     const int h = hk * G + w / nqt, t = w % nqt, i0 = t * BM;
+    int* const sem = dq_sem == 0 ? 0 : dq_sem + 1 + ((long long)b * H + h) * nqt + t;
     const u32 so = stage * (2 * BM * LD);
     const float* sLs = sL + stage * BM;
     const float* sDs = sD + stage * BM;
@@ -192,6 +212,10 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
     }
     __syncthreads();  // P, dS complete
+    // Raise the previous tile's counter now, not right after its adds: by now they have
+    // landed, so the fence before the raise does not stall the block.
+    if (added != 0 && threadIdx.x == 0) release_add(added);
+    added = 0;
 
     // Phase 2: dV += Pᵀ·dO, dK += dSᵀ·Q over the BM queries.
 #pragma unroll
@@ -239,6 +263,17 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
           }
         }
       }
+      if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
+        if (threadIdx.x == 0) {
+          int lo = 0, hi = nkt;  // j_lo = the number of key tiles wholly before this query tile
+          while (lo < hi) {
+            const int mid = (lo + hi) / 2;
+            if (mask.keys_before(qs, i0, ks, min(mid * BN + BN, Sk))) lo = mid + 1; else hi = mid;
+          }
+          wait_at_least(sem, jt - lo);
+        }
+        __syncthreads();
+      }
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -252,10 +287,12 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
     }
     __syncthreads();  // P, dS and this stage's Q/dO are rewritten next
+    added = sem;  // the next key tile's turn (raised after the next tile's phase 1)
     stage ^= 1;
     w = wn;
   }
   cp_async_wait<0>();
+  if (added != 0 && threadIdx.x == 0) release_add(added);
 
   // dK/dV partials of this block's keys: one read-add-write each (the block owns them).
 #pragma unroll
@@ -279,21 +316,24 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     }
 }
 
-#define BWD_ENTRY(NAME, T)                                                                                     \
+#define BWD_ENTRY(NAME, T, DOCS)                                                                               \
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
       const u16* q, const u16* kv, const u16* dout, const float* lse, const float* delta, float* dq_acc,        \
-      float* dkv, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale, int q_start0,           \
-      int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0, int k_len0,          \
-      int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc) {                   \
+      float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale,            \
+      int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,        \
+      int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc) {       \
     Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                               \
     Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                               \
-    MaskInfo mask = {left, right, q_doc, k_doc};                                                                \
-    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN>(q, kv, dout, lse, delta, dq_acc, dkv, B, H, Hkv, Sq, Sk,        \
-                                               scale_log2, scale, qs, ks, mask);                               \
+    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc};                                                          \
+    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, kv, dout, lse, delta, dq_acc, dkv, dq_sem, B, H, \
+                                                             Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
   }
 
-BWD_ENTRY(attn_bwd_bf16, bf16_t)
-BWD_ENTRY(attn_bwd_f16, f16_t)
+// `_doc`: packed documents (q_doc/k_doc read); the others ignore them.
+BWD_ENTRY(attn_bwd_bf16, bf16_t, false)
+BWD_ENTRY(attn_bwd_f16, f16_t, false)
+BWD_ENTRY(attn_bwd_bf16_doc, bf16_t, true)
+BWD_ENTRY(attn_bwd_f16_doc, f16_t, true)
 
 // delta = rowsum(dout ∘ out) in fp32, (B, Sq, H) rows -> (B, H, Sq); one warp per row.
 template <typename T, int D>

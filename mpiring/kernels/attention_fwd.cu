@@ -31,11 +31,11 @@
 #define FWD_BN 64
 #endif
 
-template <typename T, int D, int MI, int NW, int BN>
+template <typename T, int D, int MI, int NW, int BN, bool DOCS>
 __device__ __forceinline__ void attn_fwd_body(
     const u16* __restrict__ q, const u16* __restrict__ kv, float* __restrict__ acc, float* __restrict__ m_state,
     float* __restrict__ l_state, u16* __restrict__ out, float* __restrict__ lse, int B, int H, int Hkv, int Sq,
-    int Sk, float scale_log2, Segs qs, Segs ks, MaskInfo mask, int first, int last) {
+    int Sk, float scale_log2, Segs qs, Segs ks, MaskInfo<DOCS> mask, int first, int last) {
   const int BM = 16 * MI * NW, NT = 32 * NW, LD = D + 8;
   extern __shared__ uint4 smem_u4[];
   u16* sQ = reinterpret_cast<u16*>(smem_u4);
@@ -54,10 +54,11 @@ __device__ __forceinline__ void attn_fwd_body(
   int qlo, qhi;
   qs.range(i0, min(i0 + BM, Sq), qlo, qhi);
   const int nkt = (Sk + BN - 1) / BN;
+  const int i1 = min(i0 + BM, Sq);
   auto tile_class = [&](int t) {
     int klo, khi;
     ks.range(t * BN, min(t * BN + BN, Sk), klo, khi);
-    const int c = mask.classify(qlo, qhi, klo, khi);
+    const int c = mask.classify(qlo, qhi, klo, khi, i0, i1, t * BN, min(t * BN + BN, Sk));
     return (c == 1 && t * BN + BN > Sk) ? 2 : c;  // the ragged last tile masks its padding
   };
   // Keys that may meet this query tile have positions in [qlo − left, qhi + right].
@@ -265,7 +266,7 @@ __device__ __forceinline__ void attn_fwd_body(
     }
 }
 
-#define FWD_ENTRY(NAME, T)                                                                                    \
+#define FWD_ENTRY(NAME, T, DOCS)                                                                              \
   extern "C" __global__ void __launch_bounds__(32 * FWD_NW) NAME(                                              \
       const u16* q, const u16* kv, float* acc, float* m_state, float* l_state, u16* out, float* lse, int B,      \
       int H, int Hkv, int Sq, int Sk, float scale_log2, int q_start0, int q_stride0, int q_len0, int q_start1, \
@@ -273,11 +274,13 @@ __device__ __forceinline__ void attn_fwd_body(
       const int* q_doc, const int* k_doc, int first, int last) {                                               \
     Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                              \
     Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                              \
-    MaskInfo mask = {left, right, q_doc, k_doc};                                                               \
-    attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN>(q, kv, acc, m_state, l_state, out, lse, B, H, Hkv, Sq,  \
-                                                       Sk, scale_log2, qs, ks, mask, first, last);            \
+    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc};                                                         \
+    attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN, DOCS>(q, kv, acc, m_state, l_state, out, lse, B, H, Hkv, \
+                                                             Sq, Sk, scale_log2, qs, ks, mask, first, last);  \
   }
 
-FWD_ENTRY(attn_fwd_bf16, bf16_t)
-FWD_ENTRY(attn_fwd_f16, f16_t)
-
+// `_doc`: packed documents (q_doc/k_doc read); the others ignore them.
+FWD_ENTRY(attn_fwd_bf16, bf16_t, false)
+FWD_ENTRY(attn_fwd_f16, f16_t, false)
+FWD_ENTRY(attn_fwd_bf16_doc, bf16_t, true)
+FWD_ENTRY(attn_fwd_f16_doc, f16_t, true)

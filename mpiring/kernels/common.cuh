@@ -176,20 +176,52 @@ struct Sweep {
 };
 
 // The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
-// causal is right = 0). `q_doc`/`k_doc` (nullable, per local row) are reserved for
-// per-document masks: when set, only equal document ids attend.
+// causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
+// positions) are the document ids of packed sequences (cu_seqlens), and only equal ids
+// attend; without DOCS they are not read (and the kernels compile as if they did not exist).
+template <bool DOCS>
 struct MaskInfo {
   int left, right;
   const int* q_doc;
   const int* k_doc;
   __device__ __forceinline__ bool allowed(int qp, int kp, int i, int j) const {
     const int d = qp - kp;
-    return d <= left && -d <= right && (q_doc == 0 || q_doc[i] == k_doc[j]);
+    return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
   }
-  // Tile class from the positions' ranges: 0 no pair allowed, 1 every pair allowed, 2 mixed.
-  __device__ __forceinline__ int classify(int qlo, int qhi, int klo, int khi) const {
+  // Tile class of query rows [i0, i1) (positions qlo..qhi) against key rows [j0, j1)
+  // (klo..khi), from the ranges of positions and document ids: 0 no pair allowed,
+  // 1 every pair allowed, 2 mixed.
+  __device__ __forceinline__ int classify(int qlo, int qhi, int klo, int khi, int i0, int i1, int j0, int j1) const {
     if (klo > qhi + right || khi < qlo - left) return 0;
-    const bool full = khi <= qlo + right && klo >= qhi - left && q_doc == 0;
-    return full ? 1 : 2;
+    bool one_doc = true;
+    if (DOCS) {
+      const int qd0 = q_doc[i0], qd1 = q_doc[i1 - 1], kd0 = k_doc[j0], kd1 = k_doc[j1 - 1];
+      if (kd0 > qd1 || kd1 < qd0) return 0;
+      one_doc = qd0 == qd1 && kd0 == kd1 && qd0 == kd0;
+    }
+    return one_doc && khi <= qlo + right && klo >= qhi - left ? 1 : 2;
+  }
+  // Key rows [j0, j1) all lie before what query rows [i0, ...) may see (earlier
+  // positions beyond the window, or earlier documents). With positions and documents
+  // non-decreasing in the row index, classify() is 0 exactly on the key tiles for which
+  // this holds (a prefix) and on those wholly after the queries (a suffix).
+  __device__ __forceinline__ bool keys_before(const Segs& qs, int i0, const Segs& ks, int j1) const {
+    return ks.pos(j1 - 1) < qs.pos(i0) - left || (DOCS && k_doc[j1 - 1] < q_doc[i0]);
   }
 };
+
+// Ordered accumulation (deterministic dQ): a counter per output tile, raised by one
+// block at a time in a fixed order. Thread 0 waits/signals; the block's barrier
+// carries the ordering to its other threads (the acquire/release pattern of CUTLASS'
+// generic barrier).
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void wait_at_least(const int* p, int target) {
+  while (ld_acquire(p) < target) asm volatile("nanosleep.u32 64;");
+}
+__device__ __forceinline__ void release_add(int* p) {
+  asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.s32 [%0], 1;" ::"l"(p) : "memory");
+}
