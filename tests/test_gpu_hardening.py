@@ -147,7 +147,7 @@ def test_all_arrays_on_another_gpu(comm, seed, direction):
             missed = f"api.py's _check_arrays accepts arrays on GPU {other} with GPU {current} current"
         except _LocalError:
             pass  # rejected before any communication: safe to run the collective call
-    missed = comm.bcast(missed, root=last)
+    missed, (other, current) = comm.bcast((missed, (other, current)), root=last)  # the message names rank last's GPUs
     if missed:
         pytest.fail(missed)
     fn = mpiring.ring_attention if direction == "forward" else mpiring.ring_attention_backward

@@ -8,6 +8,8 @@ striped (stride N) masks run through the kernels without MPI; the public
 ``ring_attention`` on CuPy arrays is checked at ``-n 1`` on top.
 """
 
+import functools
+
 import numpy as np
 import pytest
 from helpers import (
@@ -28,6 +30,7 @@ cupy = pytest.importorskip("cupy")
 if not cupy.is_available():
     pytest.skip("no CUDA device", allow_module_level=True)
 
+import mpiring.backends.cupy_ as cupy_backend  # noqa: E402
 from mpiring.backends import backend_for  # noqa: E402
 from mpiring.backends.cupy_ import TILES, CudaKernelBackend  # noqa: E402
 
@@ -137,6 +140,19 @@ def test_kernels_documents_many_tiles(seed, causal, window, head_dim):
     tiles skipped between documents, and the deterministic dQ order across them."""
     _check(seed, size=2, seqlen_local=1030, heads=4, heads_kv=2, head_dim=head_dim, dtype=bfloat16,
            layout="zigzag", causal=causal, window=window, documents=True)
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_grid_split_along_z(seed, monkeypatch, documents):
+    """More tiles than gridDim.y holds (65535 in CUDA; 2 here) continue along gridDim.z,
+    in both kernels and both dQ modes (the ticketed and the plain block order)."""
+    monkeypatch.setattr(cupy_backend, "MAX_GRID_Y", 2)
+    _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=64, dtype=bfloat16, layout="zigzag",
+           causal=True, documents=documents)
+    monkeypatch.setattr(CudaKernelBackend, "__init__", functools.partialmethod(CudaKernelBackend.__init__,
+                                                                                 deterministic=False))
+    _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=128, dtype=np.float16, layout="contiguous",
+           causal=False, window=(100, 30), documents=documents)
 
 
 def _backward_bits(seed, *, layout, causal, window=None, documents=False, deterministic=True, runs=2):

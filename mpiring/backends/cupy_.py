@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 
@@ -55,6 +56,7 @@ TILES = {
     128: {"fwd": (4, 2, 32), "bwd": (8, 64, 128)},
 }
 NO_BOUND = 1 << 30  # kernels' "unbounded" window side; positions must stay below 2**29
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (tests lower it to exercise the z split)
 _NEG_INF = float("-inf")
 
 
@@ -84,9 +86,21 @@ def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None) 
 
 
 def _inline_header(source: str, sources: dict[str, str]) -> str:
-    # The header is pasted in (not -I): NVRTC then needs no file system path,
-    # and the compile key is the text itself.
-    return source.replace('#include "common.cuh"', sources["common.cuh"])
+    # The headers are pasted in (not -I): NVRTC then needs no file system path,
+    # and the compile key is the text itself. Each is pasted once (they are #pragma once).
+    seen = set()
+
+    def paste(match):
+        name = match.group(1)
+        if name in seen:
+            return ""
+        seen.add(name)
+        return _INCLUDE.sub(paste, sources[name])
+
+    return _INCLUDE.sub(paste, source)
+
+
+_INCLUDE = re.compile(r'^#include "([^"]+)"$', re.MULTILINE)
 
 
 @functools.cache
@@ -129,12 +143,19 @@ def _documents(xp, cu, segs: tuple[Segment, ...]):
     return (xp.searchsorted(cu, pos, side="right") - 1).astype(xp.int32)
 
 
-def _mask_args(mask: Mask, q_doc=None, k_doc=None):
+def _mask_args(mask: Mask, q_doc=None, k_doc=None, cu=None):
     # A window wider than any distance is no bound (and must fit the kernels' int32).
     left = NO_BOUND if mask.left is None else min(mask.left, NO_BOUND)
     right = NO_BOUND if mask.right_bound is None else min(mask.right_bound, NO_BOUND)
     null = np.uint64(0)
-    return (np.int32(left), np.int32(right), null if q_doc is None else q_doc, null if k_doc is None else k_doc)
+    return (np.int32(left), np.int32(right)) + tuple(null if x is None else x for x in (q_doc, k_doc, cu))
+
+
+def _grid(rows: int, tiles: int) -> tuple[int, int, int]:
+    """(rows, y, z) with y·z ≥ tiles and y within CUDA's limit: the kernels read their
+    tile as z·gridDim.y + y and skip the few past ``tiles``."""
+    y = min(tiles, MAX_GRID_Y)
+    return (rows, y, -(-tiles // y))
 
 
 def _entry(kernel: str, dtype, docs) -> str:
@@ -199,13 +220,15 @@ class CudaKernelBackend:
         self.deterministic = deterministic
 
     def _docs(self, st, mask: Mask, q_segs, k_segs):
-        """(q_doc, k_doc) device arrays where the mask has documents, else (None, None)."""
+        """(q_doc, k_doc, cu) device int32 arrays where the mask has documents, else Nones."""
+        if not (_increasing(q_segs) and _increasing(k_segs)):
+            raise ValueError("the CUDA kernels need positions that increase along each block")
         if mask.cu_seqlens is None:
-            return None, None
+            return None, None, None
         if st.q_doc is None:
-            st.cu = self.xp.asarray(mask.cu_seqlens)
+            st.cu = self.xp.asarray(mask.cu_seqlens, dtype=np.int32)
             st.q_doc = _documents(self.xp, st.cu, q_segs)
-        return st.q_doc, _documents(self.xp, st.cu, k_segs)
+        return st.q_doc, _documents(self.xp, st.cu, k_segs), st.cu
 
     def _tiles(self, head_dim: int):
         return (self.tiles or TILES)[head_dim]
@@ -270,7 +293,7 @@ class CudaKernelBackend:
             + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))
             + _mask_args(mask, *docs) + _i32(first, last)
         )
-        self._launch("attention_fwd.cu", _entry("attn_fwd", st.q.dtype, docs), d, smem, (b * h, -(-sq // bm)),
+        self._launch("attention_fwd.cu", _entry("attn_fwd", st.q.dtype, docs), d, smem, _grid(b * h, -(-sq // bm)),
                      (32 * nw,), args, st.q)
         st.finished = last
 
@@ -317,8 +340,6 @@ class CudaKernelBackend:
         smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4
         sem = np.uint64(0)
         if self.deterministic:
-            if not (_increasing(q_segs) and _increasing(k_segs)):
-                raise ValueError("deterministic dQ needs positions that increase along each block")
             if st.dq_sem is None:
                 st.dq_sem = self.xp.empty(1 + b * h * -(-sq // bm), np.int32)
             st.dq_sem.fill(0)
@@ -330,7 +351,7 @@ class CudaKernelBackend:
             + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, *docs)
         )
         self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, docs), d, smem,
-                     (b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
+                     _grid(b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
         """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""

@@ -60,7 +60,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   float* sD = sL + 2 * BM;                             // [2][BM]: delta
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int bx = blockIdx.x, jt = blockIdx.y;
+  int bx = blockIdx.x, jt = blockIdx.z * gridDim.y + blockIdx.y;  // key tiles along y, then z
   if (dq_sem != 0) {
     __shared__ int ticket;
     if (threadIdx.x == 0) ticket = atomicAdd(dq_sem, 1);
@@ -68,25 +68,31 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     bx = ticket % gridDim.x;
     jt = ticket / gridDim.x;
   }
+  const int nkt = (Sk + BN - 1) / BN;
+  if (jt >= nkt) return;  // past the last key tile (the grid rounds up along z)
   const int b = bx / Hkv, hk = bx % Hkv, G = H / Hkv;
-  const int j0 = jt * BN, nkt = gridDim.y;
+  const int j0 = jt * BN, j1 = min(j0 + BN, Sk);
   const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
   const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
   const u16* gv = gk + (long long)B * Sk * Hkv * D;
 
-  int klo, khi;
-  ks.range(j0, min(j0 + BN, Sk), klo, khi);
+  int klo, khi, kd0, kd1;
+  ks.range(j0, j1, klo, khi);
+  mask.docs(mask.k_doc, j0, j1, kd0, kd1);
   const int nqt = (Sq + BM - 1) / BM;
-  const int j1 = min(j0 + BN, Sk);
   auto tile_class = [&](int t) {
-    int qlo, qhi;
-    qs.range(t * BM, min(t * BM + BM, Sq), qlo, qhi);
-    const int c = mask.classify(qlo, qhi, klo, khi, t * BM, min(t * BM + BM, Sq), j0, j1);
+    const int i0 = t * BM, i1 = min(i0 + BM, Sq);
+    int qlo, qhi, qd0, qd1;
+    qs.range(i0, i1, qlo, qhi);
+    mask.docs(mask.q_doc, i0, i1, qd0, qd1);
+    const int c = mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // padded keys of the ragged last tile are masked
   };
-  // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed.
-  // Queries that may meet this key tile have positions in [klo − right, khi + left].
-  const Sweep sweep = {qs, Sq, BM, klo - mask.right, khi + mask.left};
+  // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed:
+  // the query tiles whose positions may see this key tile (window, documents).
+  int wlo, whi;
+  mask.queries_window(klo, khi, kd0, kd1, wlo, whi);
+  const Sweep sweep = {qs, Sq, BM, wlo, whi};
   const int t_first = sweep.first(), t_end = sweep.end();
   auto next_work = [&](int w) {
     for (int g = w / nqt, t = max(w % nqt, t_first); g < G; ++g, t = t_first) {
@@ -265,10 +271,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       }
       if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
         if (threadIdx.x == 0) {
+          const int qd0 = DOCS ? mask.q_doc[i0] : 0, qp0 = qs.pos(i0);
           int lo = 0, hi = nkt;  // j_lo = the number of key tiles wholly before this query tile
           while (lo < hi) {
-            const int mid = (lo + hi) / 2;
-            if (mask.keys_before(qs, i0, ks, min(mid * BN + BN, Sk))) lo = mid + 1; else hi = mid;
+            const int mid = (lo + hi) / 2, last = min(mid * BN + BN, Sk) - 1;
+            if (mask.keys_before(qp0, qd0, ks.pos(last), DOCS ? mask.k_doc[last] : 0)) lo = mid + 1; else hi = mid;
           }
           wait_at_least(sem, jt - lo);
         }
@@ -321,10 +328,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       const u16* q, const u16* kv, const u16* dout, const float* lse, const float* delta, float* dq_acc,        \
       float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale,            \
       int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,        \
-      int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc) {       \
+      int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc,        \
+      const int* cu) {                                                                                          \
     Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                               \
     Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                               \
-    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc};                                                          \
+    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu};                                                      \
     attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, kv, dout, lse, delta, dq_acc, dkv, dq_sem, B, H, \
                                                              Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
   }

@@ -44,25 +44,32 @@ __device__ __forceinline__ void attn_fwd_body(
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
+  // Query tiles along y, continued along z past the grid's y limit (65535).
+  const int nqt = (Sq + BM - 1) / BM, tile = blockIdx.z * gridDim.y + blockIdx.y;
+  if (tile >= nqt) return;
   // Heaviest (last, under causal) query tiles first, across all heads.
-  const int i0 = (gridDim.y - 1 - blockIdx.y) * BM;
+  const int i0 = (nqt - 1 - tile) * BM;
   const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
   const u16* gq = q + ((long long)b * Sq * H + h) * D;
   const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
   const u16* gv = gk + (long long)B * Sk * Hkv * D;
 
-  int qlo, qhi;
-  qs.range(i0, min(i0 + BM, Sq), qlo, qhi);
-  const int nkt = (Sk + BN - 1) / BN;
-  const int i1 = min(i0 + BM, Sq);
+  const int i1 = min(i0 + BM, Sq), nkt = (Sk + BN - 1) / BN;
+  int qlo, qhi, qd0, qd1;
+  qs.range(i0, i1, qlo, qhi);
+  mask.docs(mask.q_doc, i0, i1, qd0, qd1);
   auto tile_class = [&](int t) {
-    int klo, khi;
-    ks.range(t * BN, min(t * BN + BN, Sk), klo, khi);
-    const int c = mask.classify(qlo, qhi, klo, khi, i0, i1, t * BN, min(t * BN + BN, Sk));
-    return (c == 1 && t * BN + BN > Sk) ? 2 : c;  // the ragged last tile masks its padding
+    const int j0 = t * BN, j1 = min(j0 + BN, Sk);
+    int klo, khi, kd0, kd1;
+    ks.range(j0, j1, klo, khi);
+    mask.docs(mask.k_doc, j0, j1, kd0, kd1);
+    const int c = mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
+    return (c == 1 && j0 + BN > Sk) ? 2 : c;  // the ragged last tile masks its padding
   };
-  // Keys that may meet this query tile have positions in [qlo − left, qhi + right].
-  const Sweep sweep = {ks, Sk, BN, qlo - mask.left, qhi + mask.right};
+  // The key tiles whose positions this query tile may see (window, documents).
+  int wlo, whi;
+  mask.keys_window(qlo, qhi, qd0, qd1, wlo, whi);
+  const Sweep sweep = {ks, Sk, BN, wlo, whi};
   const int t_end = sweep.end();
   auto next_tile = [&](int t) {
     while (t < t_end && tile_class(t) == 0) ++t;
@@ -271,10 +278,10 @@ __device__ __forceinline__ void attn_fwd_body(
       const u16* q, const u16* kv, float* acc, float* m_state, float* l_state, u16* out, float* lse, int B,      \
       int H, int Hkv, int Sq, int Sk, float scale_log2, int q_start0, int q_stride0, int q_len0, int q_start1, \
       int q_stride1, int k_start0, int k_stride0, int k_len0, int k_start1, int k_stride1, int left, int right, \
-      const int* q_doc, const int* k_doc, int first, int last) {                                               \
+      const int* q_doc, const int* k_doc, const int* cu, int first, int last) {                                \
     Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                              \
     Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                              \
-    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc};                                                         \
+    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu};                                                     \
     attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN, DOCS>(q, kv, acc, m_state, l_state, out, lse, B, H, Hkv, \
                                                              Sq, Sk, scale_log2, qs, ks, mask, first, last);  \
   }

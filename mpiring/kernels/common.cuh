@@ -137,78 +137,7 @@ __device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride
   }
 }
 
-// Global positions of a block's local rows: up to two arithmetic segments
-// (contiguous and striped: one; zigzag: two). Rows i < len0 are at start0 + stride0·i,
-// the others at start1 + stride1·(i − len0).
-struct Segs {
-  int start0, stride0, len0, start1, stride1;
-  __device__ __forceinline__ int pos(int i) const {
-    return i < len0 ? start0 + stride0 * i : start1 + stride1 * (i - len0);
-  }
-  // Smallest and largest position of rows [i0, i1): each segment increases.
-  __device__ __forceinline__ void range(int i0, int i1, int& lo, int& hi) const {
-    if (i1 <= len0 || i0 >= len0) {
-      lo = pos(i0);
-      hi = pos(i1 - 1);
-    } else {
-      lo = min(pos(i0), start1);
-      hi = max(pos(len0 - 1), pos(i1 - 1));
-    }
-  }
-};
-
-// The tiles (of `tile` rows, over local rows [0, n)) of one side that may meet the
-// other side's allowed position range [lo, hi]: with one segment (positions increase)
-// they lie in [first(), end()); with two segments every tile is a candidate. Computed
-// once per block, so the tile loop carries one bound, not the segment arithmetic.
-struct Sweep {
-  Segs segs;
-  int n, tile, lo, hi;
-  __device__ __forceinline__ int first() const {
-    if (segs.len0 < n || lo <= segs.start0) return 0;
-    return min((lo - segs.start0) / segs.stride0 / tile, (n + tile - 1) / tile);
-  }
-  __device__ __forceinline__ int end() const {
-    if (segs.len0 < n) return (n + tile - 1) / tile;
-    if (hi < segs.start0) return 0;
-    return min((hi - segs.start0) / segs.stride0 / tile + 1, (n + tile - 1) / tile);
-  }
-};
-
-// The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
-// causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
-// positions) are the document ids of packed sequences (cu_seqlens), and only equal ids
-// attend; without DOCS they are not read (and the kernels compile as if they did not exist).
-template <bool DOCS>
-struct MaskInfo {
-  int left, right;
-  const int* q_doc;
-  const int* k_doc;
-  __device__ __forceinline__ bool allowed(int qp, int kp, int i, int j) const {
-    const int d = qp - kp;
-    return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
-  }
-  // Tile class of query rows [i0, i1) (positions qlo..qhi) against key rows [j0, j1)
-  // (klo..khi), from the ranges of positions and document ids: 0 no pair allowed,
-  // 1 every pair allowed, 2 mixed.
-  __device__ __forceinline__ int classify(int qlo, int qhi, int klo, int khi, int i0, int i1, int j0, int j1) const {
-    if (klo > qhi + right || khi < qlo - left) return 0;
-    bool one_doc = true;
-    if (DOCS) {
-      const int qd0 = q_doc[i0], qd1 = q_doc[i1 - 1], kd0 = k_doc[j0], kd1 = k_doc[j1 - 1];
-      if (kd0 > qd1 || kd1 < qd0) return 0;
-      one_doc = qd0 == qd1 && kd0 == kd1 && qd0 == kd0;
-    }
-    return one_doc && khi <= qlo + right && klo >= qhi - left ? 1 : 2;
-  }
-  // Key rows [j0, j1) all lie before what query rows [i0, ...) may see (earlier
-  // positions beyond the window, or earlier documents). With positions and documents
-  // non-decreasing in the row index, classify() is 0 exactly on the key tiles for which
-  // this holds (a prefix) and on those wholly after the queries (a suffix).
-  __device__ __forceinline__ bool keys_before(const Segs& qs, int i0, const Segs& ks, int j1) const {
-    return ks.pos(j1 - 1) < qs.pos(i0) - left || (DOCS && k_doc[j1 - 1] < q_doc[i0]);
-  }
-};
+#include "mask.cuh"
 
 // Ordered accumulation (deterministic dQ): a counter per output tile, raised by one
 // block at a time in a fixed order. Thread 0 waits/signals; the block's barrier

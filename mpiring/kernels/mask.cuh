@@ -1,0 +1,112 @@
+// Which (query, key) pairs a tile pair holds: positions of local rows, the tiles one
+// side's rows may meet, and the tile classes. Integer code only, compiled both by NVRTC
+// (inside the kernels) and by a host C++ compiler (tests/mask_harness.cpp checks it
+// against brute force over random layouts, windows and documents).
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define MASK_FN __device__ __forceinline__
+#else
+#include <algorithm>
+using std::max;
+using std::min;
+#define MASK_FN inline
+#endif
+
+// Global positions of a block's local rows: up to two arithmetic segments
+// (contiguous and striped: one; zigzag: two). Rows i < len0 are at start0 + stride0·i,
+// the others at start1 + stride1·(i − len0). Positions increase with i (strides > 0,
+// the second segment after the first: the launcher checks).
+struct Segs {
+  int start0, stride0, len0, start1, stride1;
+  MASK_FN int pos(int i) const { return i < len0 ? start0 + stride0 * i : start1 + stride1 * (i - len0); }
+  // Smallest and largest position of rows [i0, i1).
+  MASK_FN void range(int i0, int i1, int& lo, int& hi) const {
+    lo = pos(i0);
+    hi = pos(i1 - 1);
+  }
+  // The first row (of n) whose position may be ≥ p (rounded down: never past it).
+  MASK_FN int row_from(int p, int n) const {
+    if (p <= start0) return 0;
+    const int r0 = (p - start0) / stride0;
+    if (r0 < len0 || len0 >= n) return min(r0, n);
+    if (p <= start1) return len0;
+    return min(len0 + (p - start1) / stride1, n);
+  }
+  // One past the last row (of n) whose position is ≤ p.
+  MASK_FN int row_end(int p, int n) const {
+    if (p < start0) return 0;
+    const int r0 = (p - start0) / stride0 + 1;
+    if (len0 >= n) return min(r0, n);
+    if (p < start1) return min(r0, len0);
+    return min(len0 + (p - start1) / stride1 + 1, n);
+  }
+};
+
+// The tiles (of `tile` rows, over local rows [0, n)) of one side whose positions may
+// lie in the other side's allowed range [lo, hi]: [first(), end()). Computed once per
+// block, so the tile loop carries one bound, not the segment arithmetic.
+struct Sweep {
+  Segs segs;
+  int n, tile, lo, hi;
+  MASK_FN int first() const { return segs.row_from(lo, n) / tile; }
+  MASK_FN int end() const {
+    const int e = segs.row_end(hi, n);
+    return e <= segs.row_from(lo, n) ? 0 : (e + tile - 1) / tile;
+  }
+};
+
+// The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
+// causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
+// positions) are the document ids of packed sequences and `cu` their global boundaries
+// (cu_seqlens); only equal ids attend. Without DOCS none of them is read (and the
+// kernels compile as if they did not exist).
+template <bool DOCS>
+struct MaskInfo {
+  int left, right;
+  const int* q_doc;
+  const int* k_doc;
+  const int* cu;
+  MASK_FN bool allowed(int qp, int kp, int i, int j) const {
+    const int d = qp - kp;
+    return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
+  }
+  // First and last document id of rows [i0, i1) of one side (0, 0 without DOCS).
+  MASK_FN static void docs(const int* doc, int i0, int i1, int& d0, int& d1) {
+    d0 = DOCS ? doc[i0] : 0;
+    d1 = DOCS ? doc[i1 - 1] : 0;
+  }
+  // Tile class of query rows with positions qlo..qhi and documents qd0..qd1 against key
+  // rows with klo..khi, kd0..kd1: 0 no pair allowed, 1 every pair allowed, 2 mixed.
+  MASK_FN int classify(int qlo, int qhi, int klo, int khi, int qd0, int qd1, int kd0, int kd1) const {
+    if (klo > qhi + right || khi < qlo - left) return 0;
+    if (DOCS && (kd0 > qd1 || kd1 < qd0)) return 0;
+    const bool one_doc = !DOCS || (qd0 == qd1 && kd0 == kd1 && qd0 == kd0);
+    return one_doc && khi <= qlo + right && klo >= qhi - left ? 1 : 2;
+  }
+  // Key positions that query rows (positions qlo..qhi, documents qd0..qd1) may see.
+  MASK_FN void keys_window(int qlo, int qhi, int qd0, int qd1, int& lo, int& hi) const {
+    lo = qlo - left;
+    hi = qhi + right;
+    if (DOCS) {
+      lo = max(lo, cu[qd0]);
+      hi = min(hi, cu[qd1 + 1] - 1);
+    }
+  }
+  // Query positions that key rows (klo..khi, kd0..kd1) may be seen from.
+  MASK_FN void queries_window(int klo, int khi, int kd0, int kd1, int& lo, int& hi) const {
+    lo = klo - right;
+    hi = khi + left;
+    if (DOCS) {
+      lo = max(lo, cu[kd0]);
+      hi = min(hi, cu[kd1 + 1] - 1);
+    }
+  }
+  // Key rows ending at khi (document kd1) lie before all that queries starting at qlo
+  // (document qd0) may see. With positions and documents non-decreasing along the rows,
+  // classify() is 0 exactly on the key tiles for which this holds (a prefix) and on those
+  // wholly after the queries (a suffix): the deterministic dQ order counts on it.
+  MASK_FN bool keys_before(int qlo, int qd0, int khi, int kd1) const {
+    return khi < qlo - left || (DOCS && kd1 < qd0);
+  }
+};

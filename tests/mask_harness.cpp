@@ -1,0 +1,161 @@
+// Host check of mpiring/kernels/mask.cuh (the kernels' tile skipping) against brute force.
+//
+//   g++ -std=c++17 -O2 -I mpiring/kernels tests/mask_harness.cpp -o mask_harness
+//   ./mask_harness CASES SEED        -> "ok ..." (exit 0) or the first failure (exit 1)
+//
+// Each case draws a layout (contiguous, striped, zigzag, or two random increasing
+// segments), block lengths, a window, tile sizes and, half of the time, packed documents
+// (cu_seqlens with empty and length-1 documents). For every (query tile, key tile) it
+// compares MaskInfo::classify with the pairs that brute force allows, checks that the
+// Sweep of each side (keys_window / queries_window) holds every tile with work, and that
+// the deterministic dQ order (j − j_lo from keys_before) counts the key tiles with work
+// before each one exactly.
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "mask.cuh"
+
+namespace {
+
+const int kNoBound = 1 << 30;
+
+struct Side {
+  Segs segs;
+  int n;
+  std::vector<int> pos, doc;
+};
+
+std::mt19937 rng;
+int uniform(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }
+
+// Segments of rank r of `size` with n local rows, as mpiring.layout.segments builds them,
+// or two random increasing segments.
+Segs make_segs(int kind, int r, int size, int n) {
+  if (kind == 0) return {r * n, 1, n, 0, 0};     // contiguous
+  if (kind == 1) return {r, size, n, 0, 0};       // striped
+  if (kind == 2) {                                // zigzag: chunks r and 2·size − 1 − r
+    const int c = n / 2;
+    return {r * c, 1, c, (2 * size - 1 - r) * c, 1};
+  }
+  const int len0 = uniform(1, n - 1), start0 = uniform(0, 40), stride0 = uniform(1, 3);
+  const int start1 = start0 + stride0 * (len0 - 1) + uniform(1, 60);
+  return {start0, stride0, len0, start1, uniform(1, 3)};
+}
+
+Side make_side(const Segs& segs, int n, const std::vector<int>& cu) {
+  Side s{segs, n, {}, {}};
+  for (int i = 0; i < n; ++i) {
+    const int p = segs.pos(i);
+    s.pos.push_back(p);
+    int d = 0;  // the document holding p: the last boundary ≤ p
+    while (d + 1 < (int)cu.size() - 1 && cu[d + 1] <= p) ++d;
+    s.doc.push_back(d);
+  }
+  return s;
+}
+
+int fails = 0;
+void fail(const char* what, int seed_case, int tq, int tk) {
+  if (fails++ < 10) std::printf("FAIL case %d: %s (query tile %d, key tile %d)\n", seed_case, what, tq, tk);
+}
+
+template <bool DOCS>
+long long run_case(int id, const Side& q, const Side& k, int left, int right, int BM, int BN,
+                   const std::vector<int>& cu) {
+  const MaskInfo<DOCS> mask = {left, right, q.doc.data(), k.doc.data(), cu.data()};
+  const int nqt = (q.n + BM - 1) / BM, nkt = (k.n + BN - 1) / BN;
+  std::vector<char> any(nqt * nkt, 0), all(nqt * nkt, 1);
+  for (int i = 0; i < q.n; ++i)
+    for (int j = 0; j < k.n; ++j) {
+      const long long d = (long long)q.pos[i] - k.pos[j];
+      const bool ok = d <= left && -d <= right && (!DOCS || q.doc[i] == k.doc[j]);
+      any[i / BM * nkt + j / BN] |= ok;
+      all[i / BM * nkt + j / BN] &= ok;
+    }
+  auto cls = [&](int tq, int tk) {
+    const int i0 = tq * BM, i1 = std::min(i0 + BM, q.n), j0 = tk * BN, j1 = std::min(j0 + BN, k.n);
+    int qlo, qhi, klo, khi, qd0, qd1, kd0, kd1;
+    q.segs.range(i0, i1, qlo, qhi);
+    k.segs.range(j0, j1, klo, khi);
+    mask.docs(mask.q_doc, i0, i1, qd0, qd1);
+    mask.docs(mask.k_doc, j0, j1, kd0, kd1);
+    return mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
+  };
+  long long pairs = 0;
+  for (int tq = 0; tq < nqt; ++tq) {
+    const int i0 = tq * BM, i1 = std::min(i0 + BM, q.n);
+    int qlo, qhi, qd0, qd1, wlo, whi;
+    q.segs.range(i0, i1, qlo, qhi);
+    mask.docs(mask.q_doc, i0, i1, qd0, qd1);
+    mask.keys_window(qlo, qhi, qd0, qd1, wlo, whi);
+    const Sweep sweep = {k.segs, k.n, BN, wlo, whi};
+    int lo = 0, hi = nkt;  // j_lo as the backward kernel computes it
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2, last = std::min(mid * BN + BN, k.n) - 1;
+      if (mask.keys_before(q.segs.pos(i0), DOCS ? q.doc[i0] : 0, k.segs.pos(last), DOCS ? k.doc[last] : 0))
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    int with_work = 0;
+    for (int tk = 0; tk < nkt; ++tk, ++pairs) {
+      const int c = cls(tq, tk);
+      const bool a = any[tq * nkt + tk], f = all[tq * nkt + tk];
+      if (c == 0 && a) fail("classify 0 but a pair is allowed", id, tq, tk);
+      if (c == 1 && !f) fail("classify 1 but a pair is masked", id, tq, tk);
+      if (a && (tk < sweep.first() || tk >= sweep.end())) fail("forward sweep misses a key tile", id, tq, tk);
+      if (c != 0) {
+        if (tk - lo != with_work) fail("deterministic order: j - j_lo is not the count before", id, tq, tk);
+        ++with_work;
+      }
+    }
+  }
+  for (int tk = 0; tk < nkt; ++tk) {
+    const int j0 = tk * BN, j1 = std::min(j0 + BN, k.n);
+    int klo, khi, kd0, kd1, wlo, whi;
+    k.segs.range(j0, j1, klo, khi);
+    mask.docs(mask.k_doc, j0, j1, kd0, kd1);
+    mask.queries_window(klo, khi, kd0, kd1, wlo, whi);
+    const Sweep sweep = {q.segs, q.n, BM, wlo, whi};
+    for (int tq = 0; tq < nqt; ++tq)
+      if (any[tq * nkt + tk] && (tq < sweep.first() || tq >= sweep.end()))
+        fail("backward sweep misses a query tile", id, tq, tk);
+  }
+  return pairs;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int cases = argc > 1 ? std::atoi(argv[1]) : 2000;
+  rng.seed(argc > 2 ? std::atoi(argv[2]) : 0);
+  const int tiles[] = {16, 32, 64, 128};
+  long long pairs = 0;
+  for (int id = 0; id < cases; ++id) {
+    const int kind = uniform(0, 3), size = uniform(1, 5);
+    int n = uniform(kind >= 2 ? 2 : 1, 300);
+    if (kind == 2) n += n % 2;
+    const Segs qs = make_segs(kind, uniform(0, size - 1), size, n);
+    const Segs ks = make_segs(kind, uniform(0, size - 1), size, n);
+    const int total = std::max(qs.pos(n - 1), ks.pos(n - 1)) + 1;
+    std::vector<int> cu = {0};  // documents: lengths 0, 1 and random, up to `total`
+    while (cu.back() < total) {
+      const int r = uniform(0, 9);
+      cu.push_back(std::min(total, cu.back() + (r == 0 ? 0 : r == 1 ? 1 : uniform(1, total / 3 + 1))));
+    }
+    const int left = uniform(0, 2) ? kNoBound : uniform(0, 120);
+    const int right = uniform(0, 2) == 0 ? kNoBound : uniform(0, 1) ? 0 : uniform(0, 60);
+    const int BM = tiles[uniform(0, 3)], BN = tiles[uniform(0, 3)];
+    const Side q = make_side(qs, n, cu), k = make_side(ks, n, cu);
+    pairs += uniform(0, 1) ? run_case<true>(id, q, k, left, right, BM, BN, cu)
+                           : run_case<false>(id, q, k, left, right, BM, BN, cu);
+  }
+  if (fails) {
+    std::printf("%d failures in %d cases\n", fails, cases);
+    return 1;
+  }
+  std::printf("ok %d cases, %lld tile pairs\n", cases, pairs);
+  return 0;
+}
