@@ -10,11 +10,11 @@ set -o pipefail
 NP=${1:-$(nvidia-smi -L | wc -l)}
 . bench/gpu_setup.sh || exit 1
 RUN="mpirun --bind-to none -np $NP -x PYTHONPATH -x NCCL_NVLS_ENABLE -x PYTHONUNBUFFERED"
-timeout "${EXAMPLE_TIMEOUT:-220}" $RUN python3 examples/long_context.py --tokens "${TOKENS:-4M}" \
+timeout "${EXAMPLE_TIMEOUT:-290}" $RUN python3 examples/long_context.py --tokens "${TOKENS:-4M}" \
     --json "$OUT/long_context.json" 2>&1 | tee "$OUT/long_context.log"
-# whatever is left of a ~345 s job (the device tool's 6-minute call) goes to the bench
+# whatever is left of a ~555 s job (the device tool's 10-minute call) goes to the bench
 # (at least 10 s: `timeout 0` would mean no limit at all)
-left=$(( ${JOB_SECONDS:-345} - SECONDS )); [ "$left" -lt 10 ] && left=10
-timeout "$left" $RUN python3 -m mpiring.bench longctx --memory 65536,262144,1048576 \
+left=$(( ${JOB_SECONDS:-555} - SECONDS )); [ "$left" -lt 10 ] && left=10
+timeout "$left" $RUN python3 -m mpiring.bench longctx --memory 65536,262144 \
     --memory-window 1024 --memory-varlen 16384,65536 --varlen 32768 --timeline 32768 --max-context --out "$OUT/longctx.json" --plot "$OUT" \
     2>&1 | tee "$OUT/longctx.log"

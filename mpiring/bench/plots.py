@@ -8,7 +8,8 @@ Each figure is written only where its rows exist:
   largest N, per transport and pass; ``long_context`` rows as points);
 * ``efficiency_vs_n.png``: ring efficiency against N (``ring`` rows);
 * ``memory_vs_tokens.png``: measured peak and :func:`mpiring.memory_estimate` against
-  tokens per GPU, log-log, with a seqlen² slope for reference (``memory`` rows);
+  tokens per GPU, log-log, with a seqlen² slope for reference (``memory`` rows and the
+  ``long_context`` example's);
 * ``timeline.png``: one forward+backward ring call per transport, per exchange: the
   compute it overlaps, the transfer, and the time the ring waited (``timeline`` rows).
 """
@@ -119,7 +120,8 @@ def _efficiency_vs_n(plt, rows):
 
 
 def _memory_vs_tokens(plt, rows):
-    mem = [r for r in rows if r.get("bench") == "memory"]
+    # memory rows, and the long-context example's runs (which record their peak too)
+    mem = [r for r in rows if r.get("bench") in ("memory", "long_context") and r.get("peak_bytes")]
     if not mem:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
