@@ -85,6 +85,17 @@ def _agree(comm, fn: str, error: _LocalError | None, signature: dict) -> None:
                 raise kind(f"{fn}: {key} differs across ranks: {value!r} on rank 0, {sig[key]!r} on rank {rank}")
 
 
+def refuse_everywhere(comm, fn: str, kind: type, message: str, timeout=None) -> None:
+    """Raise ``kind(message)`` on every rank of ``comm`` from a rank that cannot even call
+    the ring (a front end such as :mod:`mpiring.torch` refusing its input): it joins the
+    validation the other ranks are in, so that they raise the same error instead of waiting.
+    The other ranks must be calling :func:`ring_attention` or :func:`ring_attention_backward`."""
+    pcomm = private_comm(_resolve_comm(comm, fn))
+    _arrive(pcomm, fn, timeout if _valid_timeout(timeout) else None)
+    _agree(pcomm, fn, _LocalError(kind, message), {})
+    raise AssertionError("unreachable: _agree raises on every rank")  # pragma: no cover
+
+
 def _array_kind(x) -> str | None:
     if isinstance(x, np.ndarray):
         return "numpy"

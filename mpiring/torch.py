@@ -24,6 +24,7 @@ import contextlib
 import functools
 
 import mpiring
+from mpiring.api import refuse_everywhere
 
 __all__ = ["ring_attention"]
 
@@ -55,8 +56,10 @@ def ring_attention(
     """
     torch = _import_torch()
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__} (use mpiring.ring_attention)")
+        if not isinstance(x, torch.Tensor):  # raised on every rank: the others are in the ring's validation
+            refuse_everywhere(comm, "ring_attention", TypeError,
+                              f"{name} must be a torch.Tensor, got {type(x).__name__} (use mpiring.ring_attention)",
+                              timeout)
     options = dict(comm=comm, causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
                    cu_seqlens=cu_seqlens, transport=transport, timeout=timeout)
     return _function().apply(q, k, v, options)

@@ -133,11 +133,14 @@ def test_requires_grad_is_refused_everywhere(comm):
         mpiring.ring_attention(q, k, k, comm)
 
 
-@pytest.mark.serial
-def test_adapter_refuses_non_tensors():
-    a = np.zeros((1, 4, 2, 8), np.float32)
-    with pytest.raises(TypeError, match="q must be a torch.Tensor, got ndarray"):
-        mpiring.torch.ring_attention(a, a, a)
+def test_adapter_refuses_non_tensors_everywhere(comm):
+    """A NumPy q on the last rank only: every rank raises (no rank left in the ring), and
+    the next call works."""
+    t = torch.randn(1, 4, 2, 8)
+    q = t.numpy() if comm.Get_rank() == comm.Get_size() - 1 else t
+    with pytest.raises(TypeError, match=rf"q must be a torch.Tensor, got ndarray.*\(on rank {comm.Get_size() - 1}\)"):
+        mpiring.torch.ring_attention(q, t, t, comm=comm)
+    assert mpiring.torch.ring_attention(t, t, t, comm=comm).shape == t.shape
 
 
 @cuda_only
