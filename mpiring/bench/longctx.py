@@ -222,14 +222,26 @@ def max_context_rows(comm, xp, args, dtype, common) -> list[dict]:
             continue
         for mode in ("fwd", "fwd+bwd"):
             seqlen = _predicted_max(ring, xp, args, dtype, mode)
-            fits = _fits(ring, xp, args, dtype, mode, seqlen)
             bigger = (int(seqlen * 1.1) // 4096) * 4096
-            refused = not _fits(ring, xp, args, dtype, mode, bigger)
+            error = None
+            try:
+                fits = _fits(ring, xp, args, dtype, mode, seqlen)
+                refused = not _fits(ring, xp, args, dtype, mode, bigger)
+            except Exception as exc:  # noqa: BLE001 - one GPU alone (rank 0): record it, keep the other rows
+                if size > 1:
+                    raise
+                fits = refused = None
+                error = f"{type(exc).__name__}: {exc}"
+            if error:  # after the except block: its traceback held the inputs
+                xp.get_default_memory_pool().free_all_blocks()
             rows.append(make_row(
                 **common, bench="max_context", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout,
                 transport=None, **{"pass": mode}, tflops_per_gpu=None, total_tokens=seqlen * size, fits=fits,
-                larger_seqlen=bigger, larger_refused=refused, window=args.memory_window or 1024,
+                larger_seqlen=bigger, larger_refused=refused, window=args.memory_window or 1024, error=error,
             ))
+            if error:
+                _say(ring, f"max context N={size} {mode}: {seqlen:,} tokens/GPU failed: {error}")
+                continue
             _say(ring, f"max context N={size} {mode}: {seqlen:,} tokens/GPU ({seqlen * size:,} total) fits={fits}; "
                        f"{bigger:,} raises MemoryError: {refused}")
     comm.Barrier()
