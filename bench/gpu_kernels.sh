@@ -2,7 +2,8 @@
 # The CUDA kernels on one GPU, in one job: the GPU kernel tests against the float64
 # oracle, compute-sanitizer (memcheck, racecheck) on bench/sanitize_case.py, then
 # `python -m mpiring.bench kernel` beside torch SDPA with deterministic dQ (the default)
-# and, at bf16 d128 16k, with atomic dQ.
+# and, at bf16 d128 16k, with atomic dQ; then packed documents against fixed length on
+# this GPU (`longctx --varlen`: the kernels' document masks, no ring).
 # Usage: bash bench/gpu_kernels.sh      (logs and kernel*.json under $OUT, a table last)
 #   TESTS_K: a pytest -k selection of tests/test_gpu_kernels.py; SEQLENS (4096,16384).
 set -o pipefail
@@ -17,4 +18,5 @@ run bench timeout 240 python3 -m mpiring.bench kernel --seqlens "${SEQLENS:-4096
     ${HEAD_DIMS:+--head-dims $HEAD_DIMS} --out "$OUT/kernel.json"
 run bench-atomic timeout 90 python3 -m mpiring.bench kernel --dtypes bf16 --head-dims 128 --seqlens 16384 \
     --dq atomic --out "$OUT/kernel-atomic.json"
+run varlen timeout 120 python3 -m mpiring.bench longctx --varlen 65536 --documents 8 --out "$OUT/varlen-1gpu.json"
 result_table
