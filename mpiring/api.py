@@ -91,7 +91,7 @@ def refuse_everywhere(comm, fn: str, kind: type, message: str, timeout=None) -> 
     validation the other ranks are in, so that they raise the same error instead of waiting.
     The other ranks must be calling :func:`ring_attention` or :func:`ring_attention_backward`."""
     pcomm = private_comm(_resolve_comm(comm, fn))
-    _arrive(pcomm, fn, timeout if _valid_timeout(timeout) else None)
+    _arrive(pcomm, fn, timeout)
     _agree(pcomm, fn, _LocalError(kind, message), {})
     raise AssertionError("unreachable: _agree raises on every rank")  # pragma: no cover
 

@@ -91,14 +91,7 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     mask.docs(mask.q_doc, i0, i1, qd0, qd1);
     mask.keys_window(qlo, qhi, qd0, qd1, wlo, whi);
     const Sweep sweep = {k.segs, k.n, BN, wlo, whi};
-    int lo = 0, hi = nkt;  // j_lo as the backward kernel computes it
-    while (lo < hi) {
-      const int mid = (lo + hi) / 2, last = std::min(mid * BN + BN, k.n) - 1;
-      if (mask.keys_before(q.segs.pos(i0), DOCS ? q.doc[i0] : 0, k.segs.pos(last), DOCS ? k.doc[last] : 0))
-        lo = mid + 1;
-      else
-        hi = mid;
-    }
+    const int lo = mask.key_tiles_before(q.segs, i0, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it
     int with_work = 0;
     for (int tk = 0; tk < nkt; ++tk, ++pairs) {
       const int c = cls(tq, tk);

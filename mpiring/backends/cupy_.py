@@ -121,7 +121,10 @@ def _kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: in
 
 
 def _segs(segs: tuple[Segment, ...], length: int):
-    """Kernel arguments (start0, stride0, len0, start1, stride1) of one or two segments."""
+    """Kernel arguments (start0, stride0, len0, start1, stride1) of one or two segments,
+    whose positions must increase along the rows (the kernels' tile skipping relies on it)."""
+    if not _increasing(segs):
+        raise ValueError("the CUDA kernels need positions that increase along each block")
     s0 = segs[0]
     if len(segs) == 1:
         return (s0.start, s0.stride, length, 0, 0)
@@ -221,8 +224,6 @@ class CudaKernelBackend:
 
     def _docs(self, st, mask: Mask, q_segs, k_segs):
         """(q_doc, k_doc, cu) device int32 arrays where the mask has documents, else Nones."""
-        if not (_increasing(q_segs) and _increasing(k_segs)):
-            raise ValueError("the CUDA kernels need positions that increase along each block")
         if mask.cu_seqlens is None:
             return None, None, None
         if st.q_doc is None:

@@ -270,15 +270,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
       }
       if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
-        if (threadIdx.x == 0) {
-          const int qd0 = DOCS ? mask.q_doc[i0] : 0, qp0 = qs.pos(i0);
-          int lo = 0, hi = nkt;  // j_lo = the number of key tiles wholly before this query tile
-          while (lo < hi) {
-            const int mid = (lo + hi) / 2, last = min(mid * BN + BN, Sk) - 1;
-            if (mask.keys_before(qp0, qd0, ks.pos(last), DOCS ? mask.k_doc[last] : 0)) lo = mid + 1; else hi = mid;
-          }
-          wait_at_least(sem, jt - lo);
-        }
+        if (threadIdx.x == 0) wait_at_least(sem, jt - mask.key_tiles_before(qs, i0, ks, Sk, BN));
         __syncthreads();
       }
 #pragma unroll

@@ -84,23 +84,23 @@ struct MaskInfo {
     const bool one_doc = !DOCS || (qd0 == qd1 && kd0 == kd1 && qd0 == kd0);
     return one_doc && khi <= qlo + right && klo >= qhi - left ? 1 : 2;
   }
+  // Positions of the other side that rows with positions p0..p1 and documents d0..d1 may
+  // meet: [p0 − below, p1 + above] within those documents' span.
+  MASK_FN void window(int p0, int p1, int d0, int d1, int below, int above, int& lo, int& hi) const {
+    lo = p0 - below;
+    hi = p1 + above;
+    if (DOCS) {
+      lo = max(lo, cu[d0]);
+      hi = min(hi, cu[d1 + 1] - 1);
+    }
+  }
   // Key positions that query rows (positions qlo..qhi, documents qd0..qd1) may see.
   MASK_FN void keys_window(int qlo, int qhi, int qd0, int qd1, int& lo, int& hi) const {
-    lo = qlo - left;
-    hi = qhi + right;
-    if (DOCS) {
-      lo = max(lo, cu[qd0]);
-      hi = min(hi, cu[qd1 + 1] - 1);
-    }
+    window(qlo, qhi, qd0, qd1, left, right, lo, hi);
   }
   // Query positions that key rows (klo..khi, kd0..kd1) may be seen from.
   MASK_FN void queries_window(int klo, int khi, int kd0, int kd1, int& lo, int& hi) const {
-    lo = klo - right;
-    hi = khi + left;
-    if (DOCS) {
-      lo = max(lo, cu[kd0]);
-      hi = min(hi, cu[kd1 + 1] - 1);
-    }
+    window(klo, khi, kd0, kd1, right, left, lo, hi);
   }
   // Key rows ending at khi (document kd1) lie before all that queries starting at qlo
   // (document qd0) may see. With positions and documents non-decreasing along the rows,
@@ -108,5 +108,19 @@ struct MaskInfo {
   // wholly after the queries (a suffix): the deterministic dQ order counts on it.
   MASK_FN bool keys_before(int qlo, int qd0, int khi, int kd1) const {
     return khi < qlo - left || (DOCS && kd1 < qd0);
+  }
+  // j_lo of the deterministic dQ order: how many key tiles (of `tile` rows, over key rows
+  // [0, nk)) lie wholly before query row i0 (binary search on keys_before, a prefix).
+  MASK_FN int key_tiles_before(const Segs& qs, int i0, const Segs& ks, int nk, int tile) const {
+    const int qd0 = DOCS ? q_doc[i0] : 0, qp0 = qs.pos(i0);
+    int lo = 0, hi = (nk + tile - 1) / tile;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2, last = min(mid * tile + tile, nk) - 1;
+      if (keys_before(qp0, qd0, ks.pos(last), DOCS ? k_doc[last] : 0))
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    return lo;
   }
 };
