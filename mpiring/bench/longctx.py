@@ -216,7 +216,7 @@ def max_context_rows(comm, xp, args, dtype, common) -> list[dict]:
     then run at that size (must succeed) and at 1.1× (must raise MemoryError)."""
     rows = []
     world_rank = comm.Get_rank()
-    for ring in (comm, MPI.COMM_SELF):
+    for ring in (comm,) if comm.Get_size() == 1 else (comm, MPI.COMM_SELF):
         size = ring.Get_size()
         if ring == MPI.COMM_SELF and world_rank != 0:
             continue
@@ -291,9 +291,7 @@ def _fits(ring, xp, args, dtype, mode, seqlen) -> bool:
 
 
 def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
-    """Packed documents vs one sequence of the same total length; on CuPy also the fixed
-    length on the blockwise backend (``MPIRING_BACKEND=blockwise``), the backend that
-    varlen runs on while the CUDA kernels have no per-document masks."""
+    """Packed documents vs one sequence of the same total length, same backend."""
     size, seqlen = comm.Get_size(), args.varlen
     total = seqlen * size
     count = args.documents or 4 * size
@@ -311,24 +309,14 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
 
         fixed, varlen = timed(), timed(cu_seqlens=cu)
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
-        same = {}
-        if xp is not np:
-            os.environ["MPIRING_BACKEND"] = "blockwise"
-            try:
-                same_tf = flops / timed() / 1e12
-            finally:
-                del os.environ["MPIRING_BACKEND"]
-            same = dict(fixed_blockwise_tflops_per_gpu=same_tf, ratio_same_backend=varlen_tf / same_tf)
         rows.append(make_row(
             **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
             **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, varlen_backend=backend,
-            **same,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
-                   f"per GPU (useful work), ratio {varlen_tf / fixed_tf:.3f}; varlen backend {backend}"
-                   + (f"; fixed on the blockwise backend {same['fixed_blockwise_tflops_per_gpu']:.2f} TF/s, "
-                      f"ratio {same['ratio_same_backend']:.3f}" if same else ""))
+                   f"per GPU (useful work), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
+                   f"{varlen * 1e3:.2f} vs {fixed * 1e3:.2f} ms per call, useful fraction {useful:.4f}")
     return rows
 
 
