@@ -6,15 +6,26 @@
 # this GPU (`longctx --varlen`: the kernels' document masks, no ring) and the largest
 # context one GPU holds (`longctx --max-context`).
 # Usage: bash bench/gpu_kernels.sh      (logs and kernel*.json under $OUT, a table last)
-#   TESTS_K: a pytest -k selection of tests/test_gpu_kernels.py; SEQLENS (4096,16384);
+#   TESTS_K: a pytest -k selection of tests/test_gpu_kernels.py; SHARDS=n spreads the tests
+#   over GPUs 0..n-1 (each GPU's share at once); SEQLENS (4096,16384);
 #   PARTS: which parts run (default "tests sanitizers bench varlen max-context"), e.g. to
 #   spread them over the GPUs of one machine, one CUDA_VISIBLE_DEVICES and $OUT each.
 set -o pipefail
 . bench/gpu_setup.sh || exit 1
 PARTS=" ${PARTS:-tests sanitizers bench varlen max-context} "
 part() { [[ $PARTS == *" $1 "* ]]; }
-part tests && run tests timeout "${TEST_SECONDS:-420}" python3 -m pytest -q -p no:cacheprovider --timeout=120 -x \
-    tests/test_gpu_kernels.py ${TESTS_K:+-k "$TESTS_K"}
+TESTS="python3 -m pytest -q -p no:cacheprovider --timeout=120 tests/test_gpu_kernels.py"
+if part tests && [ "${SHARDS:-1}" -le 1 ]; then
+    run tests timeout "${TEST_SECONDS:-420}" $TESTS -x ${TESTS_K:+-k "$TESTS_K"}
+elif part tests; then  # SHARDS=n: every n-th test on GPU i (0 ≤ i < n), all at once
+    $TESTS --collect-only ${TESTS_K:+-k "$TESTS_K"} | grep '::' > "$OUT/test-ids"
+    for ((i = 0; i < SHARDS; i++)); do
+        CUDA_VISIBLE_DEVICES=$i timeout "${TEST_SECONDS:-420}" $TESTS $(awk -v i=$i -v n="$SHARDS" 'NR % n == i' \
+            "$OUT/test-ids") > "$OUT/tests-gpu$i.log" 2>&1 &
+        pids[i]=$!
+    done
+    for ((i = 0; i < SHARDS; i++)); do wait "${pids[i]}"; record "tests-gpu$i" $?; done
+fi
 if part sanitizers && [ -z "$NO_SANITIZER" ] && command -v compute-sanitizer >/dev/null; then
     run memcheck timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 python3 bench/sanitize_case.py
     run racecheck timeout 180 compute-sanitizer --tool racecheck --error-exitcode 1 python3 bench/sanitize_case.py

@@ -20,11 +20,15 @@ SYSTEM_MPIRUN="mpirun --bind-to none -x PYTHONPATH -x NCCL_NVLS_ENABLE -x PYTHON
 declare -gA result=()
 declare -ga jobs=()
 run() {
-    local name=$1 rc
+    local name=$1
     shift
     echo "=== $name: $*"
     "$@" 2>&1 | tee "$OUT/$name.log"
-    rc=${PIPESTATUS[0]}
+    record "$name" "${PIPESTATUS[0]}"
+}
+# `record NAME RC`: a job whose output is already in $OUT/NAME.log (e.g. run in the background).
+record() {
+    local name=$1 rc=$2
     jobs+=("$name")
     case $rc in 124 | 137) rc="$rc (timed out?)" ;; esac
     result[$name]="rc=$rc $(sed 's/\x1b\[[0-9;]*m//g' "$OUT/$name.log" \

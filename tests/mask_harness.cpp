@@ -9,7 +9,7 @@
 // compares MaskInfo::classify with the pairs that brute force allows, checks that the
 // Sweep of each side (keys_window / queries_window) holds every tile with work, and that
 // the deterministic dQ order (j − j_lo from keys_before) counts the key tiles with work
-// before each one exactly.
+// before each one exactly, and that every key tile it counts sweeps over that query tile.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -112,9 +112,14 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     mask.docs(mask.k_doc, j0, j1, kd0, kd1);
     mask.queries_window(klo, khi, kd0, kd1, wlo, whi);
     const Sweep sweep = {q.segs, q.n, BM, wlo, whi};
-    for (int tq = 0; tq < nqt; ++tq)
-      if (any[tq * nkt + tk] && (tq < sweep.first() || tq >= sweep.end()))
-        fail("backward sweep misses a query tile", id, tq, tk);
+    for (int tq = 0; tq < nqt; ++tq) {
+      const bool out = tq < sweep.first() || tq >= sweep.end();
+      if (any[tq * nkt + tk] && out) fail("backward sweep misses a query tile", id, tq, tk);
+      // The deterministic dQ order counts every key tile that classify() gives work for
+      // this query tile; one that its sweep passes over never raises the counter, and the
+      // next one waits forever (a GPU hang, not a wrong answer).
+      if (cls(tq, tk) != 0 && out) fail("backward sweep skips a query tile the dQ order counts", id, tq, tk);
+    }
   }
   return pairs;
 }

@@ -296,3 +296,32 @@ def test_record_is_an_event_on_the_current_stream():
     assert isinstance(event, cupy.cuda.Event)
     event.synchronize()
     assert event.done and float(kv.sum()) == 2 * 8 * 64
+
+
+def test_dq_wait_traps_instead_of_hanging(tmp_path):
+    """A deterministic-dQ counter that is never raised (a tile-order bug) ends the launch
+    with an error after WAIT_LIMIT_NS, instead of hanging the GPU and the job. Run in a
+    child process: the trap leaves that CUDA context unusable."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, cupy\n"
+        "from mpiring.backends import cupy_\n"
+        "code = cupy_._inline_header('#include \"common.cuh\"\\n'\n"
+        "    'extern \"C\" __global__ void w(const int* p, int target) { wait_at_least(p, target); }',\n"
+        "    cupy_.kernel_sources())\n"
+        "k = cupy.RawKernel(code, 'w', options=('-DWAIT_LIMIT_NS=300000000ull',))\n"
+        "c = cupy.ones(1, cupy.int32)\n"
+        "k((1,), (1,), (c, cupy.int32(1)))\n"  # already reached: returns at once
+        "cupy.cuda.runtime.deviceSynchronize()\n"
+        "print('reached', flush=True)\n"
+        "k((1,), (1,), (c, cupy.int32(2)))\n"  # never reached: traps after 0.3 s
+        "try:\n"
+        "    cupy.cuda.runtime.deviceSynchronize()\n"
+        "except Exception as exc:\n"
+        "    print('trapped:', type(exc).__name__, exc, flush=True)\n"
+        "    sys.exit(3)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert run.returncode == 3 and "reached" in run.stdout and "trapped" in run.stdout, run.stdout + run.stderr

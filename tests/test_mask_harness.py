@@ -34,17 +34,29 @@ def test_mask_logic_matches_brute_force(harness, seed):
     assert run.stdout.startswith("ok 4000 cases"), run.stdout
 
 
-def test_harness_catches_a_wrong_bound(tmp_path, seed):
-    """The check can fail: a sweep bound off by one row is caught."""
+# Mutations of mask.cuh that the harness must catch: a sweep bound one row short, and the
+# exact-but-empty sweep end (a918716) that left the deterministic dQ order waiting forever
+# on the GPU (zigzag and striped gaps, document spans).
+MUTATIONS = [
+    ("if (p <= start1) return len0;", "if (p <= start1) return len0 + 1;", "sweep misses"),
+    ("return (segs.row_end(hi, n) + tile - 1) / tile;",
+     "return segs.row_end(hi, n) <= segs.row_from(lo, n) ? 0 : (segs.row_end(hi, n) + tile - 1) / tile;",
+     "skips a query tile the dQ order counts"),
+]
+
+
+@pytest.mark.parametrize("old,new,message", MUTATIONS, ids=["row-bound", "empty-sweep"])
+def test_harness_catches_a_wrong_bound(tmp_path, seed, old, new, message):
+    """The check can fail: each mutation of the tile logic is caught, with its own message."""
     cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler")
     src = (ROOT / "mpiring" / "kernels" / "mask.cuh").read_text()
-    broken = src.replace("if (p <= start1) return len0;", "if (p <= start1) return len0 + 1;")
+    broken = src.replace(old, new)
     assert broken != src
     (tmp_path / "mask.cuh").write_text(broken)
     exe = tmp_path / "mask_harness"
     subprocess.run([cxx, "-std=c++17", "-O2", "-I", str(tmp_path), str(ROOT / "tests" / "mask_harness.cpp"),
                     "-o", str(exe)], check=True)
     run = subprocess.run([str(exe), "4000", str(seed % 2**31)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 1 and "sweep misses" in run.stdout, run.stdout
+    assert run.returncode == 1 and message in run.stdout, run.stdout

@@ -148,8 +148,26 @@ __device__ __forceinline__ int ld_acquire(const int* p) {
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// Spin until *p ≥ target. The blocks awaited are already running, so a wait is short;
+// one past WAIT_LIMIT_NS means a counter that is never raised (a bug): trap, so the
+// launch fails with an error that ends the job instead of hanging the GPU.
+#ifndef WAIT_LIMIT_NS
+#define WAIT_LIMIT_NS 20000000000ull
+#endif
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __noinline__ void wait_slow(const int* p, int target) {
+  const unsigned long long t0 = global_ns();
+  while (ld_acquire(p) < target) {
+    asm volatile("nanosleep.u32 64;");
+    if (global_ns() - t0 > WAIT_LIMIT_NS) asm volatile("trap;");
+  }
+}
 __device__ __forceinline__ void wait_at_least(const int* p, int target) {
-  while (ld_acquire(p) < target) asm volatile("nanosleep.u32 64;");
+  if (ld_acquire(p) < target) wait_slow(p, target);
 }
 __device__ __forceinline__ void release_add(int* p) {
   asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.s32 [%0], 1;" ::"l"(p) : "memory");

@@ -45,15 +45,15 @@ struct Segs {
 
 // The tiles (of `tile` rows, over local rows [0, n)) of one side whose positions may
 // lie in the other side's allowed range [lo, hi]: [first(), end()). Computed once per
-// block, so the tile loop carries one bound, not the segment arithmetic.
+// block, so the tile loop carries one bound, not the segment arithmetic. A tile whose
+// position range spans [lo, hi] stays in, even when [lo, hi] falls between two of its
+// rows (the zigzag gap, a stride): classify() counts it, and so does the deterministic
+// dQ order, so every block must reach it (else the next key tile waits forever).
 struct Sweep {
   Segs segs;
   int n, tile, lo, hi;
   MASK_FN int first() const { return segs.row_from(lo, n) / tile; }
-  MASK_FN int end() const {
-    const int e = segs.row_end(hi, n);
-    return e <= segs.row_from(lo, n) ? 0 : (e + tile - 1) / tile;
-  }
+  MASK_FN int end() const { return (segs.row_end(hi, n) + tile - 1) / tile; }
 };
 
 // The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
