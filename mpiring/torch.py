@@ -31,7 +31,7 @@ __all__ = ["ring_attention"]
 
 def ring_attention(
     q, k, v, *, comm=None, causal=False, softmax_scale=None, layout="contiguous", window=None,
-    cu_seqlens=None, transport="auto", timeout=None,
+    cu_seqlens=None, transport="auto", timeout=None, deterministic=True,
 ):
     """Exact attention over a sequence sharded across the ranks of ``comm``, differentiable.
 
@@ -47,6 +47,8 @@ def ring_attention(
     causal, softmax_scale, layout, window, cu_seqlens, transport, timeout :
         as in :func:`mpiring.ring_attention` (``softmax_scale`` default ``1/sqrt(head_dim)``;
         ``layout`` is how the sequence was split, see :func:`mpiring.shard`).
+    deterministic : passed to :func:`mpiring.ring_attention_backward` (default True:
+        bitwise reproducible gradients; False: the CUDA kernels add dQ with atomics).
 
     Returns
     -------
@@ -62,7 +64,7 @@ def ring_attention(
                               timeout)
     options = dict(comm=comm, causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
                    cu_seqlens=cu_seqlens, transport=transport, timeout=timeout)
-    return _function().apply(q, k, v, options)
+    return _function().apply(q, k, v, options, deterministic)
 
 
 def _import_torch():
@@ -95,12 +97,12 @@ def _function():
 
     class RingAttention(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, q, k, v, options):
+        def forward(ctx, q, k, v, options, deterministic):
             q, k, v = _ready(q), _ready(k), _ready(v)
             with _device_scope(q):
                 out, lse = mpiring.ring_attention(q, k, v, return_lse=True, **options)
             ctx.save_for_backward(q, k, v, out, lse)
-            ctx.options = options
+            ctx.options, ctx.deterministic = options, deterministic
             return out
 
         @staticmethod
@@ -108,7 +110,8 @@ def _function():
         def backward(ctx, dout):
             q, k, v, out, lse = (_ready(t) for t in ctx.saved_tensors)  # out comes back requiring grad
             with _device_scope(q):
-                dq, dk, dv = mpiring.ring_attention_backward(_ready(dout), q, k, v, out, lse, **ctx.options)
-            return dq, dk, dv, None
+                dq, dk, dv = mpiring.ring_attention_backward(_ready(dout), q, k, v, out, lse,
+                                                             deterministic=ctx.deterministic, **ctx.options)
+            return dq, dk, dv, None, None
 
     return RingAttention

@@ -147,7 +147,8 @@ def test_mixed_devices(comm):
                              lambda: mpiring.ring_attention(comm=comm, **call))
     if cupy.cuda.runtime.getDeviceCount() >= 2:
         call = arrays(xp=cupy)
-        with cupy.cuda.Device(1):
+        other = (cupy.cuda.Device().id + 1) % cupy.cuda.runtime.getDeviceCount()  # never this rank's own
+        with cupy.cuda.Device(other):
             call["k"] = cupy.asarray(call["k"])
         assert_raises_everywhere(comm, ValueError, "arrays must all be on one GPU",
                                  lambda: mpiring.ring_attention(comm=comm, **call), xp=cupy)

@@ -114,6 +114,25 @@ def test_autograd_matches_sdpa(comm, seed, device, layout, causal):
         torch.testing.assert_close(x, shard(ref), rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_reaches_the_backward(comm, seed, monkeypatch, deterministic):
+    """``deterministic`` goes to ring_attention_backward (and not to the forward)."""
+    seen = []
+    backward = mpiring.ring_attention_backward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(mpiring, "ring_attention_backward", spy)
+    q, k, v, dout = (torch.from_numpy(mpiring.shard(x, comm)) for x in random_problem(seed, 1, 4 * comm.Get_size(),
+                                                                                       2, 2, 8, np.float64))
+    ql, kl, vl = (t.requires_grad_() for t in (q, k, v))
+    out = mpiring.torch.ring_attention(ql, kl, vl, comm=comm, deterministic=deterministic)
+    out.backward(dout)
+    assert seen == [deterministic] and ql.grad is not None
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_training_step_example(comm, device, dtype):
