@@ -4,7 +4,9 @@ The ring (DESIGN.md §3): each rank keeps its Q; the K/V block in hand at step s
 came from rank ``(rank − s) mod N``. Each step posts the exchange of the next
 block (send to rank+1, receive from rank−1) *before* computing on the current
 one, and waits for it after, so communication overlaps compute. Steps whose
-block is fully masked are skipped, but the block still travels.
+block is fully masked are skipped, and a block travels only as far as some rank
+attends to it: the ranks gather each other's step schedules in the validation's
+allgather and derive the same send/receive plan (layout.kv_hops).
 """
 
 from __future__ import annotations
@@ -69,20 +71,22 @@ class _LocalError(Exception):
 _ERROR_KINDS = {k.__name__: k for k in (ValueError, TypeError, MemoryError)}
 
 
-def _agree(comm, fn: str, error: _LocalError | None, signature: dict) -> None:
+def _agree(comm, fn: str, error: _LocalError | None, signature: dict, extra=None) -> list:
     """One allgather: every rank raises the same exception if any rank failed a local
-    check, or if the ranks disagree on shapes, dtypes or options."""
+    check, or if the ranks disagree on shapes, dtypes or options. Returns every rank's
+    ``extra`` (rank order): per-rank facts that ride along, not compared."""
     local = None if error is None else (error.kind.__name__, str(error))
-    gathered = comm.allgather((local, signature))
-    for rank, (err, _) in enumerate(gathered):
+    gathered = comm.allgather((local, signature, extra))
+    for rank, (err, _, _) in enumerate(gathered):
         if err is not None:
             raise _ERROR_KINDS[err[0]](f"{fn}: {err[1]} (on rank {rank})")
     first = gathered[0][1]
-    for rank, (_, sig) in enumerate(gathered[1:], start=1):
+    for rank, (_, sig, _) in enumerate(gathered[1:], start=1):
         for key, value in first.items():
             if sig[key] != value:
                 kind = TypeError if key in ("array", "dtype") else ValueError
                 raise kind(f"{fn}: {key} differs across ranks: {value!r} on rank 0, {sig[key]!r} on rank {rank}")
+    return [x for _, _, x in gathered]
 
 
 def refuse_everywhere(comm, fn: str, kind: type, message: str, timeout=None) -> None:
@@ -167,6 +171,7 @@ class _Call:
     q_segs: tuple
     k_segs: list  # k_segs[r]: segments of rank r's K/V block
     active: tuple  # active[s]: step s has work
+    kv_hops: tuple = ()  # kv_hops[s]: (send, receive) K/V at exchange s (layout.kv_hops)
     timeout: float | None = None  # seconds per ring wait; None waits forever
     layout: str = "contiguous"
 
@@ -177,7 +182,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     pcomm = private_comm(comm)
     _arrive(pcomm, fn, timeout)
     size, rank = pcomm.Get_size(), pcomm.Get_rank()
-    error, mask, scale = None, None, None
+    error, mask, scale, active = None, None, None, None
     q, k = arrays["q"], arrays["k"]
     try:
         if problem is not None:  # an array that could not be imported (mpiring.interop)
@@ -209,6 +214,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
+        active = _schedule(layout, rank, size, q, k, mask)
     except _LocalError as exc:
         error = exc
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -230,7 +236,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         "cu_seqlens": None if mask is None or mask.cu_seqlens is None else mask.cu_seqlens.tobytes(),
         "transport": transport if isinstance(transport, str) else type(transport).__name__,
     }
-    _agree(pcomm, fn, error, signature)
+    schedules = _agree(pcomm, fn, error, signature, active)
 
     xp = array_module(q)
     tr = None
@@ -238,16 +244,20 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         tr = transport if isinstance(transport, Transport) else select_transport(transport, pcomm, xp)
     q_segs = _layout.segments(layout, rank, size, q.shape[1])
     k_segs = [_layout.segments(layout, r, size, k.shape[1]) for r in range(size)]
-    if q.shape[0] == 0:  # batch 0: no work, but the (empty) K/V still travels
-        active = (False,) * size
-    elif mask.is_full:
-        active = (True,) * size
-    else:
-        active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
     timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
                           steps=sum(active), deterministic=bool(deterministic))
-    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active, timeout, layout)
+    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active,
+                 _layout.kv_hops(schedules, rank), timeout, layout)
+
+
+def _schedule(layout, rank, size, q, k, mask) -> tuple[bool, ...]:
+    """Which ring steps have work on this rank (layout.step_schedule)."""
+    if q.shape[0] == 0:  # batch 0: no work anywhere, so no K/V travels either
+        return (False,) * size
+    if mask.is_full:
+        return (True,) * size
+    return _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
 
 
 def _arrive(comm, fn: str, timeout) -> None:
@@ -434,15 +444,25 @@ def _forward(call: _Call, q, k, v):
     fence = None  # the last compute step's completion (GPU: an event; NumPy: None)
     for s in range(size):
         cur, nxt = kv[s % 2], kv[(s + 1) % 2]
-        ex = None
-        if s < size - 1:
-            ex = tr.post([cur], [nxt], tag=_TAG_KV, send_ready=be.record(), recv_free=fence)
+        ex = _post_kv(call, s, cur, nxt, fence)
         if call.active[s]:
             be.fwd_step(state, cur, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
             fence = be.record()
         if ex is not None:
             tr.wait(ex, timeout=call.timeout)
     return be.fwd_end(state)
+
+
+def _post_kv(call: _Call, s: int, cur, nxt, fence):
+    """Post exchange s of the K/V blocks (send ``cur`` on, receive into ``nxt``) as far as
+    the plan has them travel; None where this rank neither sends nor receives."""
+    if s >= len(call.kv_hops):
+        return None
+    send, recv = call.kv_hops[s]
+    if not (send or recv):
+        return None
+    return call.transport.post([cur] if send else [], [nxt] if recv else [], tag=_TAG_KV,
+                               send_ready=call.backend.record(), recv_free=fence)
 
 
 def ring_attention_backward(
@@ -498,9 +518,7 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
     fence, ex_dkv = None, None
     for s in range(size):
         cur, nxt = kv[s % 2], kv[(s + 1) % 2]
-        ex_kv = None
-        if s < size - 1:
-            ex_kv = tr.post([cur], [nxt], tag=_TAG_KV, send_ready=be.record(), recv_free=fence)
+        ex_kv = _post_kv(call, s, cur, nxt, fence)
         # mine = C_s; C_{s-1} = dkv[(s+2)%3] is in flight, R_{s-1} = dkv[(s+1)%3] arriving.
         mine = dkv[s % 3]
         if s >= 2:  # C_s reuses R_{s-2}'s buffer, already added into C_{s-2}

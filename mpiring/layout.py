@@ -23,6 +23,7 @@ import numpy as np
 
 __all__ = [
     "LAYOUTS",
+    "kv_hops",
     "Mask",
     "make_mask",
     "Segment",
@@ -200,15 +201,35 @@ def step_schedule(
 ) -> tuple[bool, ...]:
     """For ring step s (K/V of rank ``(rank − s) mod size`` in hand): is there any work?
 
-    Steps that are fully masked are skipped by the ring loop, but their K/V still
-    travels so that the ring stays in lockstep. Exact, and O(1) per step for the
-    contiguous and zigzag layouts without documents.
+    Steps that are fully masked are skipped by the ring loop; the K/V transfers that
+    no rank further along needs are skipped too (:func:`kv_hops`). Exact, and O(1) per
+    step for the contiguous and zigzag layouts without documents.
     """
     q_segs = segments(layout, rank, size, seqlen_q)
     return tuple(
         segments_have_work(q_segs, segments(layout, (rank - s) % size, size, seqlen_k), mask)
         for s in range(size)
     )
+
+
+def kv_hops(schedules, rank: int) -> tuple[tuple[bool, bool], ...]:
+    """The K/V transfers of ``rank`` at each ring exchange s (0 ≤ s < N−1): (send, receive).
+
+    ``schedules[r]`` is rank r's :func:`step_schedule` (at step s it holds the K/V block of
+    rank (r − s) mod N). Block b travels b → b+1 → … only as far as the last rank that has
+    work with it, ``need(b)`` hops; the ring steps after that carry nothing (causal
+    contiguous: half the transfers; packed documents that stay on their ranks: none).
+    Every rank derives the same plan from the same gathered schedules, so each send has
+    its receive. The block a rank sends was received (or is its own): ``need(b) > s``
+    implies ``need(b) > s − 1``.
+    """
+    size = len(schedules)
+    work = np.asarray(schedules, dtype=bool).reshape(size, size)
+    steps = np.arange(size)
+    # held[b, s]: rank b+s has work at step s (with block b)
+    held = work[(steps[:, None] + steps[None, :]) % size, steps[None, :]]
+    need = np.where(held.any(axis=1), size - 1 - np.argmax(held[:, ::-1], axis=1), 0)
+    return tuple((bool(need[(rank - s) % size] > s), bool(need[(rank - 1 - s) % size] > s)) for s in range(size - 1))
 
 
 def _global_length(seqlen: int, size: int, layout: str) -> int:

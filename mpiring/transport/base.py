@@ -2,9 +2,10 @@
 
 A ring step *posts* one exchange (send buffers to ``send_rank`` = rank+1,
 receive buffers from ``recv_rank`` = rank−1) before its compute and *waits*
-for it after. Each post is one hop of one message per buffer; transports count
-hops so that tests can check the schedule (N−1 K/V hops forward, 2N−1
-K/V + dK/dV hops backward).
+for it after. Each post is one hop of one message per send buffer; transports
+count hops and bytes so that tests can check the schedule (at most N−1 K/V hops
+forward, N−1 K/V + N dK/dV backward: a K/V block travels only as far as some rank
+has work with it, see ``mpiring.layout.kv_hops``).
 
 GPU transports receive two readiness tokens from the backend: ``send_ready``
 (an event after which the send buffers hold their data) and ``recv_free`` (an
@@ -38,15 +39,20 @@ class Transport:
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.send_rank = (self.rank + 1) % self.size
         self.recv_rank = (self.rank - 1) % self.size
-        self.hops = 0  # messages posted since construction (one per buffer per post)
+        self.hops = 0  # messages posted since construction (one per send buffer per post)
+        self.bytes_sent = 0  # their bytes
         self._pending = 0
 
     def post(self, send, recv, *, tag: int, send_ready=None, recv_free=None) -> Exchange:
-        """Send ``send`` (list of arrays) to rank+1 and receive ``recv`` from rank−1."""
-        if len(send) != len(recv):
-            raise ValueError(f"post needs as many receive as send buffers, got {len(send)} and {len(recv)}")
+        """Send ``send`` (list of arrays) to rank+1 and receive ``recv`` from rank−1.
+
+        Either list may be empty (a ring step whose block goes no further, or whose next
+        block is not needed here), not both; rank+1 posts the matching receives."""
+        if not (send or recv):
+            raise ValueError("post needs a buffer to send or to receive")
         exchange = self._post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free)
         self.hops += len(send)
+        self.bytes_sent += sum(int(buf.nbytes) for buf in send)
         self._pending += 1
         return exchange
 
