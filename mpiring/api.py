@@ -236,7 +236,11 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         "cu_seqlens": None if mask is None or mask.cu_seqlens is None else mask.cu_seqlens.tobytes(),
         "transport": transport if isinstance(transport, str) else type(transport).__name__,
     }
-    schedules = _agree(pcomm, fn, error, signature, active)
+    # Each rank's schedule rides along (packed; None: every step has work, the usual case).
+    packed = None if active is None or all(active) else np.packbits(active).tobytes()
+    schedules = [(True,) * size if x is None else
+                 tuple(np.unpackbits(np.frombuffer(x, np.uint8), count=size).astype(bool))
+                 for x in _agree(pcomm, fn, error, signature, packed)]
 
     xp = array_module(q)
     tr = None
