@@ -108,7 +108,8 @@ def memory_breakdown(
     if backend == "cuda":
         phases = _cuda_phases(sizes, backward)
     else:
-        phases = _blockwise_phases(sizes, backward, layout, array, masked, cu_seqlens is not None)
+        mask = _layout.make_mask(causal, window, cu_seqlens)
+        phases = _blockwise_phases(sizes, backward, layout, array, masked, mask)
     if size > 1 and _transport_name(transport, array) == "mpi-staged":
         phases["host_pinned"] = _staging(sizes, backward)
     return phases
@@ -195,7 +196,36 @@ def _tile_rows(length: int, tile: int) -> list[int]:
     return [min(tile, length - a) for a in range(0, length, tile)]
 
 
-def _tile_terms(z: _Sizes, layout: str, array: str, masked: bool, backward: bool) -> dict[str, int]:
+def _pair_bytes(cur: int, prev: int, pairs: int, masked: bool, backward: bool) -> int:
+    """Score-tile temporaries of one tile pair (``cur`` bytes of scores) with the previous
+    pair's arrays (``prev``) still bound: the formulas of :func:`_tile_terms`."""
+    if backward:
+        need = max(3 * cur + 2 * prev, 4 * cur + prev)
+        mask = max(cur + 2 * prev + _MASK_PAIR_BYTES * pairs, 2 * cur + 2 * prev + pairs)
+    else:
+        need = 3 * cur + prev
+        mask = max(cur + prev + _MASK_PAIR_BYTES * pairs, 2 * cur + prev + pairs)
+    return max(need, mask) if masked else need
+
+
+def _document_pairs(z: _Sizes, layout: str, tile: int, mask) -> list[list[tuple[int, int, bool]]]:
+    """With documents the backend's tiles also end at document boundaries, so tile shapes
+    depend on where the documents fall: the (rows_q, rows_k, masked) of every tile pair
+    it computes, in its order, one list per (rank, ring step)."""
+    from mpiring.backends.numpy_ import _TilePairs
+
+    size = max(z.size, 1)
+    steps = []
+    for r in range(size):
+        q_segs = _layout.segments(layout, r, size, z.seqlen)
+        for b in range(size):
+            pairs = _TilePairs(np, q_segs, _layout.segments(layout, b, size, z.seqlen), mask, tile, tile)
+            steps.append([(qt.hi - qt.lo, kt.hi - kt.lo, kind == "mask")
+                          for qt in pairs.q_tiles for kt, kind in pairs.work(qt)])
+    return steps
+
+
+def _tile_terms(z: _Sizes, layout: str, array: str, masked: bool, backward: bool, mask=None) -> dict[str, int]:
     """Score-tile temporaries of one ring step: independent of seqlen once it exceeds a tile.
 
     For the tile pair in hand (``cur`` bytes of scores ``(B, H, rows_q, rows_k)``) with the
@@ -208,9 +238,20 @@ def _tile_terms(z: _Sizes, layout: str, array: str, masked: bool, backward: bool
       s, p, dO·Vᵀ, dO·Vᵀ − δ and the previous dS: ``4·cur + prev``; masks as forward.
 
     Pairs skipped by the mask allocate nothing; counting them keeps this an upper bound.
+    With documents (``mask.cu_seqlens``) the pairs the backend computes are walked exactly
+    (:func:`_document_pairs`; the largest over the ranks).
     """
     bh = z.batch * z.heads
     tile = _tile_size(_TILE_BUDGET.get(array, _TILE_BUDGET["numpy"]), bh)
+    if mask is not None and mask.cu_seqlens is not None:
+        scores, tq, tk = 0, 0, 0
+        for step in _document_pairs(z, layout, tile, mask):
+            prev = 0  # the step's arrays are freed between steps
+            for q_rows, k_rows, is_masked in step:
+                cur = bh * q_rows * k_rows * z.c
+                scores = max(scores, _pair_bytes(cur, prev, q_rows * k_rows, is_masked, backward))
+                prev, tq, tk = cur, max(tq, q_rows), max(tk, k_rows)
+        return _tile_tail(z, bh, scores, tq, tk, backward)
     segs = _layout.segments(layout, 0, max(z.size, 1), z.seqlen)
     rows = [r for seg in segs for r in _tile_rows(seg.length, tile)]
     if len(rows) > 64:  # long steps: full tiles follow full tiles; the remainders are smaller
@@ -219,15 +260,13 @@ def _tile_terms(z: _Sizes, layout: str, array: str, masked: bool, backward: bool
     for q_rows in rows:
         for k_rows in rows:
             cur = bh * q_rows * k_rows * z.c
-            if backward:
-                need = max(3 * cur + 2 * prev, 4 * cur + prev)
-                mask = max(cur + 2 * prev + _MASK_PAIR_BYTES * q_rows * k_rows, 2 * cur + 2 * prev + q_rows * k_rows)
-            else:
-                need = 3 * cur + prev
-                mask = max(cur + prev + _MASK_PAIR_BYTES * q_rows * k_rows, 2 * cur + prev + q_rows * k_rows)
-            scores = max(scores, need, mask if masked else 0)
+            scores = max(scores, _pair_bytes(cur, prev, q_rows * k_rows, masked, backward))
             prev = cur
     tq = tk = max(rows, default=0)
+    return _tile_tail(z, bh, scores, tq, tk, backward)
+
+
+def _tile_tail(z: _Sizes, bh: int, scores: int, tq: int, tk: int, backward: bool) -> dict[str, int]:
     acc_tile = bh * tq * z.head_dim * z.c
     kv_tile = z.batch * z.heads_kv * tk * z.head_dim * z.c
     terms = {"score tiles": scores, "row temporaries": 6 * bh * tq * z.c}
@@ -237,12 +276,12 @@ def _tile_terms(z: _Sizes, layout: str, array: str, masked: bool, backward: bool
     return terms
 
 
-def _blockwise_phases(z: _Sizes, backward: bool, layout: str, array: str, masked: bool, varlen: bool):
+def _blockwise_phases(z: _Sizes, backward: bool, layout: str, array: str, masked: bool, mask):
     Q, KV, R, e, c = z.Q, z.KV, z.R, z.e, z.c
     kv = {"K/V ring buffers": z.kv_buffers * 2 * KV * e}
     step_extra = {
         # global positions of the local rows and of the block in hand (and document ids)
-        "positions": _INT64 * 2 * z.seqlen * (2 if varlen else 1),
+        "positions": _INT64 * 2 * z.seqlen * (2 if mask.cu_seqlens is not None else 1),
         "k, v in the compute dtype": 2 * KV * c if z.converts else 0,
     }
     fwd_state = {
@@ -253,7 +292,9 @@ def _blockwise_phases(z: _Sizes, backward: bool, layout: str, array: str, masked
             "q (compute dtype, scaled)": Q * c, "q cast temporary": Q * c if z.converts else 0,
         },
         "forward: pack K/V": {**fwd_state, "K/V stack temporary": 2 * KV * e, "K/V ring buffer": 2 * KV * e},
-        "forward: ring step": {**fwd_state, **kv, **step_extra, **_tile_terms(z, layout, array, masked, False)},
+        "forward: ring step": {
+            **fwd_state, **kv, **step_extra, **_tile_terms(z, layout, array, masked, False, mask),
+        },
         "forward: finish": {
             **fwd_state, **kv, "acc / l": Q * c, "head-merge copy": Q * c, "out": Q * e, "l > 0, safe l": R * (1 + c),
         },
@@ -272,7 +313,7 @@ def _blockwise_phases(z: _Sizes, backward: bool, layout: str, array: str, masked
             "out (compute dtype)": Q * c, "dout·out product": Q * c, "delta": R * c,
         },
         "backward: ring step": {
-            **held, **bwd_state, **kv, **dkv, **step_extra, **_tile_terms(z, layout, array, masked, True),
+            **held, **bwd_state, **kv, **dkv, **step_extra, **_tile_terms(z, layout, array, masked, True, mask),
         },
         "backward: finish": {
             **held, **bwd_state, **kv, **dkv,

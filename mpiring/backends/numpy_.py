@@ -42,12 +42,18 @@ class _Tile:
     pos_last: int
 
 
-def _tiles(segs: tuple[Segment, ...], size: int) -> list[_Tile]:
-    """Tiles that never straddle a segment, so each tile's positions are one arithmetic run."""
+def _tiles(segs: tuple[Segment, ...], size: int, doc: np.ndarray | None = None) -> list[_Tile]:
+    """Tiles that never straddle a segment, so each tile's positions are one arithmetic run,
+    nor (``doc``: document of each local row) a document: a tile pair is then either in one
+    document or skipped, and packed documents cost their own work, not their tiles'."""
     tiles, offset = [], 0
     for seg in segs:
-        for a in range(0, seg.length, size):
-            b = min(a + size, seg.length)
+        cuts = set(range(0, seg.length, size))
+        if doc is not None and seg.length > 1:
+            run = doc[offset : offset + seg.length]
+            cuts.update((np.flatnonzero(run[1:] != run[:-1]) + 1).tolist())
+        cuts = sorted(cuts) + [seg.length]
+        for a, b in zip(cuts, cuts[1:]):
             tiles.append(_Tile(offset + a, offset + b, seg.start + seg.stride * a, seg.start + seg.stride * (b - 1)))
         offset += seg.length
     return tiles
@@ -64,12 +70,23 @@ class _TilePairs:
 
     def __init__(self, xp, q_segs, k_segs, mask: Mask, tile_q: int, tile_k: int):
         self.xp, self.mask = xp, mask
-        self.q_tiles, self.k_tiles = _tiles(q_segs, tile_q), _tiles(k_segs, tile_k)
         qpos, kpos = _positions(q_segs), _positions(k_segs)
         self.qpos, self.kpos = xp.asarray(qpos), xp.asarray(kpos)
+        qdoc = kdoc = None
         if mask.cu_seqlens is not None:
-            self.qdoc_host, self.kdoc_host = mask.documents(qpos), mask.documents(kpos)
-            self.qdoc, self.kdoc = xp.asarray(self.qdoc_host), xp.asarray(self.kdoc_host)
+            self.qdoc_host, self.kdoc_host = qdoc, kdoc = mask.documents(qpos), mask.documents(kpos)
+            self.qdoc, self.kdoc = xp.asarray(qdoc), xp.asarray(kdoc)
+        self.q_tiles, self.k_tiles = _tiles(q_segs, tile_q, qdoc), _tiles(k_segs, tile_k, kdoc)
+        self._k_by_doc = None
+        if kdoc is not None:  # each tile lies in one document: pair tiles of the same one
+            self._k_by_doc = {}
+            for kt in self.k_tiles:
+                self._k_by_doc.setdefault(int(kdoc[kt.lo]), []).append(kt)
+
+    def work(self, qt: _Tile) -> list[tuple[_Tile, str]]:
+        """The key tiles that query tile ``qt`` attends to, with their class ('full', 'mask')."""
+        cands = self.k_tiles if self._k_by_doc is None else self._k_by_doc.get(int(self.qdoc_host[qt.lo]), [])
+        return [(kt, kind) for kt in cands if (kind := self.classify(qt, kt)) != "skip"]
 
     def classify(self, qt: _Tile, kt: _Tile) -> str:
         """'skip' (no allowed pair), 'full' (all allowed) or 'mask'."""
@@ -200,8 +217,7 @@ class BlockwiseBackend:
         pairs = self._tile_pairs(b * hkv * g, q_segs, k_segs, mask)
         for qt in pairs.q_tiles:
             tq = qt.hi - qt.lo
-            work = [(kt, pairs.classify(qt, kt)) for kt in pairs.k_tiles]
-            work = [(kt, kind) for kt, kind in work if kind != "skip"]
+            work = pairs.work(qt)
             if not work:
                 continue
             q_t = st.q[:, :, qt.lo : qt.hi].reshape(b, hkv, tq * g, d)
@@ -263,8 +279,7 @@ class BlockwiseBackend:
         pairs = self._tile_pairs(b * hkv * g, q_segs, k_segs, mask)
         for qt in pairs.q_tiles:
             tq = qt.hi - qt.lo
-            work = [(kt, pairs.classify(qt, kt)) for kt in pairs.k_tiles]
-            work = [(kt, kind) for kt, kind in work if kind != "skip"]
+            work = pairs.work(qt)
             if not work:
                 continue
             rows = slice(qt.lo, qt.hi)
