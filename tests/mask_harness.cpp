@@ -83,15 +83,25 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     mask.docs(mask.k_doc, j0, j1, kd0, kd1);
     return mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
   };
+  // The sweep of tile t of one side over the other side's tiles, as the kernel whose
+  // blocks hold that side computes it: the forward (query tiles: keys_window), the
+  // backward (key tiles: queries_window).
+  auto sweep_of = [&](const Side& own, const int* doc, int t, int tile, const Side& other, int other_tile,
+                      bool queries) {
+    const int i0 = t * tile, i1 = std::min(i0 + tile, own.n);
+    int lo, hi, d0, d1, wlo, whi;
+    own.segs.range(i0, i1, lo, hi);
+    mask.docs(doc, i0, i1, d0, d1);
+    if (queries)
+      mask.keys_window(lo, hi, d0, d1, wlo, whi);
+    else
+      mask.queries_window(lo, hi, d0, d1, wlo, whi);
+    return Sweep{other.segs, other.n, other_tile, wlo, whi};
+  };
   long long pairs = 0;
   for (int tq = 0; tq < nqt; ++tq) {
-    const int i0 = tq * BM, i1 = std::min(i0 + BM, q.n);
-    int qlo, qhi, qd0, qd1, wlo, whi;
-    q.segs.range(i0, i1, qlo, qhi);
-    mask.docs(mask.q_doc, i0, i1, qd0, qd1);
-    mask.keys_window(qlo, qhi, qd0, qd1, wlo, whi);
-    const Sweep sweep = {k.segs, k.n, BN, wlo, whi};
-    const int lo = mask.key_tiles_before(q.segs, i0, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it
+    const Sweep sweep = sweep_of(q, mask.q_doc, tq, BM, k, BN, true);
+    const int lo = mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it
     int with_work = 0;
     for (int tk = 0; tk < nkt; ++tk, ++pairs) {
       const int c = cls(tq, tk);
@@ -106,12 +116,7 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     }
   }
   for (int tk = 0; tk < nkt; ++tk) {
-    const int j0 = tk * BN, j1 = std::min(j0 + BN, k.n);
-    int klo, khi, kd0, kd1, wlo, whi;
-    k.segs.range(j0, j1, klo, khi);
-    mask.docs(mask.k_doc, j0, j1, kd0, kd1);
-    mask.queries_window(klo, khi, kd0, kd1, wlo, whi);
-    const Sweep sweep = {q.segs, q.n, BM, wlo, whi};
+    const Sweep sweep = sweep_of(k, mask.k_doc, tk, BN, q, BM, false);
     for (int tq = 0; tq < nqt; ++tq) {
       const bool out = tq < sweep.first() || tq >= sweep.end();
       if (any[tq * nkt + tk] && out) fail("backward sweep misses a query tile", id, tq, tk);
