@@ -14,14 +14,14 @@ set -o pipefail
 . bench/gpu_setup.sh || exit 1
 PARTS=" ${PARTS:-tests sanitizers bench varlen max-context} "
 part() { [[ $PARTS == *" $1 "* ]]; }
-PYTEST="python3 -m pytest -q -p no:cacheprovider --timeout=120"
+KERNEL_PYTEST="python3 -m pytest -q -p no:cacheprovider --timeout=120"  # not gpu_setup.sh's $PYTEST (the ring tests)
 if part tests && [ "${SHARDS:-1}" -le 1 ]; then
-    run tests timeout "${TEST_SECONDS:-420}" $PYTEST -x tests/test_gpu_kernels.py ${TESTS_K:+-k "$TESTS_K"}
+    run tests timeout "${TEST_SECONDS:-420}" $KERNEL_PYTEST -x tests/test_gpu_kernels.py ${TESTS_K:+-k "$TESTS_K"}
 elif part tests; then  # SHARDS=n: every n-th test on GPU i (0 ≤ i < n), all at once
-    $PYTEST --collect-only tests/test_gpu_kernels.py ${TESTS_K:+-k "$TESTS_K"} | grep '::' > "$OUT/test-ids"
+    $KERNEL_PYTEST --collect-only tests/test_gpu_kernels.py ${TESTS_K:+-k "$TESTS_K"} | grep '::' > "$OUT/test-ids"
     for ((i = 0; i < SHARDS; i++)); do  # the test ids alone (with the file too, pytest runs it all)
-        CUDA_VISIBLE_DEVICES=$i timeout "${TEST_SECONDS:-420}" $PYTEST $(awk -v i=$i -v n="$SHARDS" 'NR % n == i' \
-            "$OUT/test-ids") > "$OUT/tests-gpu$i.log" 2>&1 &
+        CUDA_VISIBLE_DEVICES=$i timeout "${TEST_SECONDS:-420}" $KERNEL_PYTEST \
+            $(awk -v i=$i -v n="$SHARDS" 'NR % n == i' "$OUT/test-ids") > "$OUT/tests-gpu$i.log" 2>&1 &
         pids[i]=$!
     done
     for ((i = 0; i < SHARDS; i++)); do wait "${pids[i]}"; record "tests-gpu$i" $?; done

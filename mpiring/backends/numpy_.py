@@ -48,11 +48,11 @@ def _tiles(segs: tuple[Segment, ...], size: int, doc: np.ndarray | None = None) 
     document or skipped, and packed documents cost their own work, not their tiles'."""
     tiles, offset = [], 0
     for seg in segs:
-        cuts = set(range(0, seg.length, size))
+        cuts = list(range(0, seg.length, size))
         if doc is not None and seg.length > 1:
             run = doc[offset : offset + seg.length]
-            cuts.update((np.flatnonzero(run[1:] != run[:-1]) + 1).tolist())
-        cuts = sorted(cuts) + [seg.length]
+            cuts = sorted(set(cuts).union((np.flatnonzero(run[1:] != run[:-1]) + 1).tolist()))
+        cuts.append(seg.length)
         for a, b in zip(cuts, cuts[1:]):
             tiles.append(_Tile(offset + a, offset + b, seg.start + seg.stride * a, seg.start + seg.stride * (b - 1)))
         offset += seg.length
