@@ -1,0 +1,130 @@
+"""Where a packed-documents call spends its time on one GPU: host vs device.
+
+For fixed length and for 1, 8 and 64 random documents over the same tokens (causal,
+fp16, 8 heads, head_dim 128), times the forward and forward+backward calls: wall time
+(synchronised), the attention kernels' own device time (CUDA events around each launch
+of ``CudaKernelBackend``), the host validation/planning (``api._prepare``) alone; and
+prints the top host functions (cProfile, by own time) of one fwd+bwd call with the most
+documents.
+
+    python3 bench/varlen_probe.py [--tokens 65536] [--documents 1,8,64] [--out FILE]
+
+Wall time well above kernel time: the call is host-bound or spends it outside the
+kernels. Kernel time over (useful fraction × fixed-length kernel time) well above 1: the
+kernels waste work on documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+import mpiring
+from mpiring import api
+from mpiring.bench.common import card_name, command_line, today
+from mpiring.bench.longctx import _documents
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--documents", default="1,8,64")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+
+    import cupy
+
+    from mpiring.backends.cupy_ import CudaKernelBackend
+
+    events = []
+    launch = CudaKernelBackend._launch
+
+    def timed_launch(self, *a, **kw):  # events around each attention kernel launch
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        launch(self, *a, **kw)
+        end.record()
+        events.append((start, end))
+
+    CudaKernelBackend._launch = timed_launch
+
+    def measure(fn, repeat=5):
+        """Median wall ms and median summed kernel ms of ``fn`` (after one warm-up)."""
+        fn()
+        walls, kernels = [], []
+        for _ in range(repeat):
+            cupy.cuda.get_current_stream().synchronize()
+            events.clear()
+            t = time.perf_counter()
+            fn()
+            cupy.cuda.get_current_stream().synchronize()
+            walls.append(time.perf_counter() - t)
+            kernels.append(sum(cupy.cuda.get_elapsed_time(a, b) for a, b in events) / 1e3)
+        return float(np.median(walls)) * 1e3, float(np.median(kernels)) * 1e3
+
+    rng = cupy.random.default_rng(0)
+    shape = (1, args.tokens, args.heads, 128)
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(cupy.float16) for _ in range(4))
+    comm = MPI.COMM_WORLD
+    rows = []
+    counts = [0] + [int(c) for c in args.documents.split(",") if c]
+    for count in counts:
+        cu = _documents(args.tokens, count) if count else None
+        useful = 1.0 if cu is None else float((np.diff(cu).astype(float) ** 2).sum()) / args.tokens**2
+        options = dict(causal=True, layout="contiguous", cu_seqlens=cu)
+        out, lse = mpiring.ring_attention(q, k, v, comm, **options)
+
+        def fwd(options=options):
+            mpiring.ring_attention(q, k, v, comm, **options)
+
+        def fwd_bwd(options=options, out=out, lse=lse):
+            mpiring.ring_attention(q, k, v, comm, **options)
+            mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, **options)
+
+        row = {"documents": count, "useful_fraction": useful}
+        for name, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            row[f"{name}_wall_ms"], row[f"{name}_kernel_ms"] = measure(fn)
+        ts = []
+        for _ in range(5):
+            t = time.perf_counter()
+            api._prepare("probe", comm, {"q": q, "k": k, "v": v}, causal=True, softmax_scale=None,
+                         layout="contiguous", window=None, cu_seqlens=cu, transport="auto")
+            ts.append(time.perf_counter() - t)
+        row["prepare_ms"] = float(np.median(ts)) * 1e3
+        rows.append(row)
+        if count == counts[-1] and count:
+            prof = cProfile.Profile()
+            prof.enable()
+            fwd_bwd()
+            cupy.cuda.get_current_stream().synchronize()
+            prof.disable()
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+            print(f"--- cProfile, one fwd+bwd call, {count} documents (by own time)")
+            print(s.getvalue())
+
+    fixed = rows[0]
+    print("| documents | useful | fwd wall ms | fwd kernel ms | fwd+bwd wall ms | fwd+bwd kernel ms | prepare ms | "
+          "fwd kernel / (useful·fixed) | fwd+bwd kernel / (useful·fixed) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        waste = [r[f"{m}_kernel_ms"] / (r["useful_fraction"] * fixed[f"{m}_kernel_ms"]) for m in ("fwd", "fwd+bwd")]
+        print(f"| {r['documents'] or 'fixed'} | {r['useful_fraction']:.4f} | {r['fwd_wall_ms']:.2f} | "
+              f"{r['fwd_kernel_ms']:.2f} | {r['fwd+bwd_wall_ms']:.2f} | {r['fwd+bwd_kernel_ms']:.2f} | "
+              f"{r['prepare_ms']:.2f} | {waste[0]:.2f} | {waste[1]:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card_name(), "date": today(), "command": command_line(), "tokens": args.tokens,
+                       "heads": args.heads, "head_dim": 128, "dtype": "float16", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
