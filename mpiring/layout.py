@@ -158,7 +158,8 @@ def segments_have_work(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...],
     for any strides (causal: some key ≤ the last query + right). Otherwise a strided
     segment (striped layout with a two-sided window) counts, per query,
     the key indices ``j`` with ``lo ≤ start + stride·j ≤ hi`` in closed form. Documents
-    (``cu_seqlens``) take the exact search on positions.
+    (``cu_seqlens``) apply the same tests per document, to each segment's rows in it
+    (:func:`_documents_have_work`: O(documents), no expansion to positions).
     """
     q_segs = tuple(s for s in q_segs if s.length > 0)
     k_segs = tuple(s for s in k_segs if s.length > 0)
@@ -167,7 +168,7 @@ def segments_have_work(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...],
     if mask.is_full:
         return True
     if mask.cu_seqlens is not None:
-        return block_has_work(_expand(q_segs), _expand(k_segs), mask)
+        return _documents_have_work(q_segs, k_segs, mask)
     left, right = mask.left, mask.right_bound
     for qs in q_segs:
         for ks in k_segs:
@@ -190,6 +191,42 @@ def segments_have_work(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...],
             if np.any(j_lo <= j_hi):
                 return True
     return False
+
+
+def _documents_have_work(q_segs, k_segs, mask: Mask) -> bool:
+    """:func:`segments_have_work` with documents, vectorised over the documents: within a
+    document every pair meets the window test of the rows of both segments in it, which are
+    again arithmetic (first, last, stride). One unbounded side: a half-line test (any
+    strides). Both bounded: the query windows join into the interval [first − left,
+    last + right] when the queries in the document are one row or spaced at most
+    left + right + 1 apart, and then the first key at or after its start decides; queries
+    spaced wider (striped with a narrow two-sided window) take the exact search on positions."""
+    cu, left, right = mask.cu_seqlens, mask.left, mask.right_bound
+    for qs in q_segs:
+        qf, ql, qn = _rows_per_document(qs, cu)
+        for ks in k_segs:
+            kf, kl, kn = _rows_per_document(ks, cu)
+            ok = qn & kn
+            if left is None and right is not None:
+                ok &= kf <= ql + right
+            elif right is None and left is not None:
+                ok &= kl >= qf - left
+            elif left is not None:
+                if qs.stride > left + right + 1 and np.any(ok & (ql > qf)):
+                    return block_has_work(_expand(q_segs), _expand(k_segs), mask)
+                lo = np.maximum(kf, qf - left)
+                ok &= kf + ks.stride * -((kf - lo) // ks.stride) <= np.minimum(kl, ql + right)
+            if ok.any():
+                return True
+    return False
+
+
+def _rows_per_document(seg: Segment, cu: np.ndarray):
+    """Per document [cu[d], cu[d+1]): the first and last position of ``seg``'s rows in it
+    and whether it has any."""
+    first = np.clip(-((seg.start - cu) // seg.stride), 0, seg.length)  # ceil((cu − start) / stride)
+    ia, ib = first[:-1], first[1:]
+    return seg.start + seg.stride * ia, seg.start + seg.stride * (ib - 1), ia < ib
 
 
 def _expand(segs: tuple[Segment, ...]) -> np.ndarray:

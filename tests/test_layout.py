@@ -124,3 +124,23 @@ def test_schedule_and_tiles_match_dense_mask(mask, layout, size, rank, src, half
             assert kind != "skip" or not block.any()
             assert kind != "full" or block.all()
             np.testing.assert_array_equal(pairs.allowed(qt, kt)[:, 0, :], block)
+
+
+@pytest.mark.serial
+def test_document_schedule_matches_dense_mask():
+    """segments_have_work with documents (vectorised over documents, no expansion) against
+    the dense mask: empty documents, strides up to 7 and windows narrower than a stride
+    (the exact fallback) included. A wrong interval join or key alignment fails here."""
+    rng = np.random.default_rng(1)
+    for _ in range(3000):
+        size, seqlen_local = int(rng.integers(1, 8)), 2 * int(rng.integers(1, 7))
+        total = size * seqlen_local
+        cuts = np.sort(rng.integers(0, total + 1, size=int(rng.integers(0, 8))))  # repeats: empty documents
+        left, right = (None if rng.random() < 0.3 else int(rng.integers(0, 5)) for _ in range(2))
+        mask = make_mask(bool(rng.random() < 0.5), (left, right), np.concatenate([[0], cuts, [total]]))
+        layout = LAYOUTS[rng.integers(len(LAYOUTS))]
+        rank, src = (int(r) for r in rng.integers(0, size, 2))
+        dense = mask.allowed(positions(layout, rank, size, seqlen_local), positions(layout, src, size, seqlen_local))
+        got = segments_have_work(segments(layout, rank, size, seqlen_local), segments(layout, src, size, seqlen_local),
+                                 mask)
+        assert got == bool(dense.any()), (layout, size, rank, src, seqlen_local, mask)
