@@ -74,14 +74,16 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
       any[i / BM * nkt + j / BN] |= ok;
       all[i / BM * nkt + j / BN] &= ok;
     }
-  auto cls = [&](int tq, int tk) {
+  // The class of a tile pair as each kernel computes it: the forward from its query
+  // tile's document span and the key tile's positions, the backward from its key tile's
+  // span and the query tile's positions.
+  auto cls = [&](int tq, int tk, bool backward) {
     const int i0 = tq * BM, i1 = std::min(i0 + BM, q.n), j0 = tk * BN, j1 = std::min(j0 + BN, k.n);
-    int qlo, qhi, klo, khi, qd0, qd1, kd0, kd1;
+    int qlo, qhi, klo, khi;
     q.segs.range(i0, i1, qlo, qhi);
     k.segs.range(j0, j1, klo, khi);
-    mask.docs(mask.q_doc, i0, i1, qd0, qd1);
-    mask.docs(mask.k_doc, j0, j1, kd0, kd1);
-    return mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
+    return backward ? mask.classify(qlo, qhi, klo, khi, mask.span(mask.k_doc, j0, j1), qlo, qhi)
+                    : mask.classify(qlo, qhi, klo, khi, mask.span(mask.q_doc, i0, i1), klo, khi);
   };
   // The sweep of tile t of one side over the other side's tiles, as the kernel whose
   // blocks hold that side computes it: the forward (query tiles: keys_window), the
@@ -89,13 +91,13 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
   auto sweep_of = [&](const Side& own, const int* doc, int t, int tile, const Side& other, int other_tile,
                       bool queries) {
     const int i0 = t * tile, i1 = std::min(i0 + tile, own.n);
-    int lo, hi, d0, d1, wlo, whi;
+    int lo, hi, wlo, whi;
     own.segs.range(i0, i1, lo, hi);
-    mask.docs(doc, i0, i1, d0, d1);
+    const DocSpan span = mask.span(doc, i0, i1);
     if (queries)
-      mask.keys_window(lo, hi, d0, d1, wlo, whi);
+      mask.keys_window(lo, hi, span, wlo, whi);
     else
-      mask.queries_window(lo, hi, d0, d1, wlo, whi);
+      mask.queries_window(lo, hi, span, wlo, whi);
     return Sweep{other.segs, other.n, other_tile, wlo, whi};
   };
   long long pairs = 0;
@@ -104,7 +106,8 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     const int lo = mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it
     int with_work = 0;
     for (int tk = 0; tk < nkt; ++tk, ++pairs) {
-      const int c = cls(tq, tk);
+      const int c = cls(tq, tk, false);
+      if (c != cls(tq, tk, true)) fail("forward and backward classes differ", id, tq, tk);
       const bool a = any[tq * nkt + tk], f = all[tq * nkt + tk];
       if (c == 0 && a) fail("classify 0 but a pair is allowed", id, tq, tk);
       if (c == 1 && !f) fail("classify 1 but a pair is masked", id, tq, tk);
@@ -123,7 +126,7 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
       // The deterministic dQ order counts every key tile that classify() gives work for
       // this query tile; one that its sweep passes over never raises the counter, and the
       // next one waits forever (a GPU hang, not a wrong answer).
-      if (cls(tq, tk) != 0 && out) fail("backward sweep skips a query tile the dQ order counts", id, tq, tk);
+      if (cls(tq, tk, true) != 0 && out) fail("backward sweep skips a query tile the dQ order counts", id, tq, tk);
     }
   }
   return pairs;

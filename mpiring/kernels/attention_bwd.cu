@@ -76,22 +76,21 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
   const u16* gv = gk + (long long)B * Sk * Hkv * D;
 
-  int klo, khi, kd0, kd1;
+  int klo, khi;
   ks.range(j0, j1, klo, khi);
-  mask.docs(mask.k_doc, j0, j1, kd0, kd1);
+  const DocSpan kspan = mask.span(mask.k_doc, j0, j1);
   const int nqt = (Sq + BM - 1) / BM;
-  auto tile_class = [&](int t) {
+  auto tile_class = [&](int t) {  // positions only: no load per query tile
     const int i0 = t * BM, i1 = min(i0 + BM, Sq);
-    int qlo, qhi, qd0, qd1;
+    int qlo, qhi;
     qs.range(i0, i1, qlo, qhi);
-    mask.docs(mask.q_doc, i0, i1, qd0, qd1);
-    const int c = mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
+    const int c = mask.classify(qlo, qhi, klo, khi, kspan, qlo, qhi);
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // padded keys of the ragged last tile are masked
   };
   // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed:
   // the query tiles whose positions may see this key tile (window, documents).
   int wlo, whi;
-  mask.queries_window(klo, khi, kd0, kd1, wlo, whi);
+  mask.queries_window(klo, khi, kspan, wlo, whi);
   const Sweep sweep = {qs, Sq, BM, wlo, whi};
   const int t_first = sweep.first(), t_end = sweep.end();
   auto next_work = [&](int w) {

@@ -55,20 +55,19 @@ __device__ __forceinline__ void attn_fwd_body(
   const u16* gv = gk + (long long)B * Sk * Hkv * D;
 
   const int i1 = min(i0 + BM, Sq), nkt = (Sk + BN - 1) / BN;
-  int qlo, qhi, qd0, qd1;
+  int qlo, qhi;
   qs.range(i0, i1, qlo, qhi);
-  mask.docs(mask.q_doc, i0, i1, qd0, qd1);
-  auto tile_class = [&](int t) {
+  const DocSpan qspan = mask.span(mask.q_doc, i0, i1);
+  auto tile_class = [&](int t) {  // positions only: no load per key tile
     const int j0 = t * BN, j1 = min(j0 + BN, Sk);
-    int klo, khi, kd0, kd1;
+    int klo, khi;
     ks.range(j0, j1, klo, khi);
-    mask.docs(mask.k_doc, j0, j1, kd0, kd1);
-    const int c = mask.classify(qlo, qhi, klo, khi, qd0, qd1, kd0, kd1);
+    const int c = mask.classify(qlo, qhi, klo, khi, qspan, klo, khi);
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // the ragged last tile masks its padding
   };
   // The key tiles whose positions this query tile may see (window, documents).
   int wlo, whi;
-  mask.keys_window(qlo, qhi, qd0, qd1, wlo, whi);
+  mask.keys_window(qlo, qhi, qspan, wlo, whi);
   const Sweep sweep = {ks, Sk, BN, wlo, whi};
   const int t_end = sweep.end();
   auto next_tile = [&](int t) {

@@ -56,11 +56,24 @@ struct Sweep {
   MASK_FN int end() const { return (segs.row_end(hi, n) + tile - 1) / tile; }
 };
 
+// The positions [a, b) spanned by the documents of a block's rows (first to last);
+// `one`: they are one document. Without DOCS: everything, one document.
+struct DocSpan {
+  int a, b;
+  bool one;
+};
+
 // The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
 // causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
 // positions) are the document ids of packed sequences and `cu` their global boundaries
 // (cu_seqlens); only equal ids attend. Without DOCS none of them is read (and the
 // kernels compile as if they did not exist).
+//
+// Tile classes and sweeps need no document id of the tile that varies in a block's loop:
+// a row at position p is in document d exactly when cu[d] ≤ p < cu[d + 1] (ids are
+// searchsorted(cu, p, 'right') − 1; no row is in an empty document), so "documents
+// d0..d1 meet rows with positions lo..hi" is a comparison of lo, hi with the block's own
+// span [cu[d0], cu[d1 + 1]). The loops then carry no dependent global load per tile.
 template <bool DOCS>
 struct MaskInfo {
   int left, right;
@@ -71,52 +84,53 @@ struct MaskInfo {
     const int d = qp - kp;
     return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
   }
-  // First and last document id of rows [i0, i1) of one side (0, 0 without DOCS).
-  MASK_FN static void docs(const int* doc, int i0, int i1, int& d0, int& d1) {
-    d0 = DOCS ? doc[i0] : 0;
-    d1 = DOCS ? doc[i1 - 1] : 0;
+  // The span of the documents of rows [i0, i1) of one side (`doc`: q_doc or k_doc).
+  MASK_FN DocSpan span(const int* doc, int i0, int i1) const {
+    if (!DOCS) return {0, 0, true};
+    const int d0 = doc[i0], d1 = doc[i1 - 1];
+    return {cu[d0], cu[d1 + 1], d0 == d1};
   }
-  // Tile class of query rows with positions qlo..qhi and documents qd0..qd1 against key
-  // rows with klo..khi, kd0..kd1: 0 no pair allowed, 1 every pair allowed, 2 mixed.
-  MASK_FN int classify(int qlo, int qhi, int klo, int khi, int qd0, int qd1, int kd0, int kd1) const {
+  // Tile class of query rows with positions qlo..qhi against key rows with klo..khi, where
+  // one side's documents span `s` and the other side's positions are lo..hi:
+  // 0 no pair allowed, 1 every pair allowed, 2 mixed.
+  MASK_FN int classify(int qlo, int qhi, int klo, int khi, DocSpan s, int lo, int hi) const {
     if (klo > qhi + right || khi < qlo - left) return 0;
-    if (DOCS && (kd0 > qd1 || kd1 < qd0)) return 0;
-    const bool one_doc = !DOCS || (qd0 == qd1 && kd0 == kd1 && qd0 == kd0);
+    if (DOCS && (hi < s.a || lo >= s.b)) return 0;
+    const bool one_doc = !DOCS || (s.one && lo >= s.a && hi < s.b);
     return one_doc && khi <= qlo + right && klo >= qhi - left ? 1 : 2;
   }
-  // Positions of the other side that rows with positions p0..p1 and documents d0..d1 may
-  // meet: [p0 − below, p1 + above] within those documents' span.
-  MASK_FN void window(int p0, int p1, int d0, int d1, int below, int above, int& lo, int& hi) const {
+  // Positions of the other side that rows with positions p0..p1 and documents spanning
+  // `s` may meet: [p0 − below, p1 + above] within that span.
+  MASK_FN void window(int p0, int p1, DocSpan s, int below, int above, int& lo, int& hi) const {
     lo = p0 - below;
     hi = p1 + above;
     if (DOCS) {
-      lo = max(lo, cu[d0]);
-      hi = min(hi, cu[d1 + 1] - 1);
+      lo = max(lo, s.a);
+      hi = min(hi, s.b - 1);
     }
   }
-  // Key positions that query rows (positions qlo..qhi, documents qd0..qd1) may see.
-  MASK_FN void keys_window(int qlo, int qhi, int qd0, int qd1, int& lo, int& hi) const {
-    window(qlo, qhi, qd0, qd1, left, right, lo, hi);
+  // Key positions that query rows (positions qlo..qhi, documents spanning s) may see.
+  MASK_FN void keys_window(int qlo, int qhi, DocSpan s, int& lo, int& hi) const {
+    window(qlo, qhi, s, left, right, lo, hi);
   }
-  // Query positions that key rows (klo..khi, kd0..kd1) may be seen from.
-  MASK_FN void queries_window(int klo, int khi, int kd0, int kd1, int& lo, int& hi) const {
-    window(klo, khi, kd0, kd1, right, left, lo, hi);
+  // Query positions that key rows (klo..khi, documents spanning s) may be seen from.
+  MASK_FN void queries_window(int klo, int khi, DocSpan s, int& lo, int& hi) const {
+    window(klo, khi, s, right, left, lo, hi);
   }
-  // Key rows ending at khi (document kd1) lie before all that queries starting at qlo
-  // (document qd0) may see. With positions and documents non-decreasing along the rows,
-  // classify() is 0 exactly on the key tiles for which this holds (a prefix) and on those
-  // wholly after the queries (a suffix): the deterministic dQ order counts on it.
-  MASK_FN bool keys_before(int qlo, int qd0, int khi, int kd1) const {
-    return khi < qlo - left || (DOCS && kd1 < qd0);
-  }
+  // Key rows ending at position khi lie before all that queries starting at position qlo
+  // (in a document starting at qa) may see. With positions and documents non-decreasing
+  // along the rows, classify() is 0 exactly on the key tiles for which this holds (a
+  // prefix) and on those wholly after the queries (a suffix): the deterministic dQ order
+  // counts on it.
+  MASK_FN bool keys_before(int qlo, int qa, int khi) const { return khi < qlo - left || (DOCS && khi < qa); }
   // j_lo of the deterministic dQ order: how many key tiles (of `tile` rows, over key rows
   // [0, nk)) lie wholly before query row i0 (binary search on keys_before, a prefix).
   MASK_FN int key_tiles_before(const Segs& qs, int i0, const Segs& ks, int nk, int tile) const {
-    const int qd0 = DOCS ? q_doc[i0] : 0, qp0 = qs.pos(i0);
+    const int qa = DOCS ? cu[q_doc[i0]] : 0, qp0 = qs.pos(i0);
     int lo = 0, hi = (nk + tile - 1) / tile;
     while (lo < hi) {
-      const int mid = (lo + hi) / 2, last = min(mid * tile + tile, nk) - 1;
-      if (keys_before(qp0, qd0, ks.pos(last), DOCS ? k_doc[last] : 0))
+      const int mid = (lo + hi) / 2;
+      if (keys_before(qp0, qa, ks.pos(min(mid * tile + tile, nk) - 1)))
         lo = mid + 1;
       else
         hi = mid;
