@@ -67,12 +67,21 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
   const MaskInfo<DOCS> mask = {left, right, q.doc.data(), k.doc.data(), cu.data()};
   const int nqt = (q.n + BM - 1) / BM, nkt = (k.n + BN - 1) / BN;
   std::vector<char> any(nqt * nkt, 0), all(nqt * nkt, 1);
+  std::vector<DocSpan> qspan, kspan;  // each tile's document span, as the kernels take it
+  for (int t = 0; t < nqt; ++t) qspan.push_back(mask.span(mask.q_doc, t * BM, std::min(t * BM + BM, q.n)));
+  for (int t = 0; t < nkt; ++t) kspan.push_back(mask.span(mask.k_doc, t * BN, std::min(t * BN + BN, k.n)));
   for (int i = 0; i < q.n; ++i)
     for (int j = 0; j < k.n; ++j) {
       const long long d = (long long)q.pos[i] - k.pos[j];
       const bool ok = d <= left && -d <= right && (!DOCS || q.doc[i] == k.doc[j]);
       any[i / BM * nkt + j / BN] |= ok;
       all[i / BM * nkt + j / BN] &= ok;
+      // The element masks of mixed tiles: the forward's (query tile span, key position)
+      // and the backward's (key tile span, query position).
+      if (mask.allowed_in(q.pos[i], k.pos[j], i, j, qspan[i / BM], k.pos[j]) != ok)
+        fail("forward element mask differs from brute force", id, i / BM, j / BN);
+      if (mask.allowed_in(q.pos[i], k.pos[j], i, j, kspan[j / BN], q.pos[i]) != ok)
+        fail("backward element mask differs from brute force", id, i / BM, j / BN);
     }
   // The class of a tile pair as each kernel computes it: the forward from its query
   // tile's document span and the key tile's positions, the backward from its key tile's

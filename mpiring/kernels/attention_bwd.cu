@@ -205,7 +205,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
               float p = ex2(s[mi][n][2 * hr + e] * scale_log2 - lr);
               if (mixed) {
                 const int j = j0 + n1 + n * 8 + 2 * (lane % 4) + e;
-                if (j >= Sk || !mask.allowed(qp, ks.pos(min(j, Sk - 1)), i, min(j, Sk - 1))) p = 0.f;
+                if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), i, min(j, Sk - 1), kspan, qp)) p = 0.f;
               }
               pe[e] = p;
               dse[e] = p * (dp[mi][n][2 * hr + e] - dr);

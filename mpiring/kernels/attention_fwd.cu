@@ -163,7 +163,7 @@ __device__ __forceinline__ void attn_fwd_body(
             x *= scale_log2;
             if (mixed) {
               const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
-              if (j >= Sk || !mask.allowed(qp, ks.pos(j), min(i, Sq - 1), j)) x = MASKED;
+              if (j >= Sk || !mask.allowed_in(qp, ks.pos(j), min(i, Sq - 1), j, qspan, ks.pos(j))) x = MASKED;
             }
           }
       }

@@ -84,6 +84,14 @@ struct MaskInfo {
     const int d = qp - kp;
     return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
   }
+  // allowed() for a pair inside a tile pair where one side's documents span `s` and `p`
+  // is the other side's position: when that side is one document, equal documents means
+  // p lies in its span (no document-id loads per element).
+  MASK_FN bool allowed_in(int qp, int kp, int i, int j, DocSpan s, int p) const {
+    const int d = qp - kp;
+    if (d > left || -d > right) return false;
+    return !DOCS || (s.one ? p >= s.a && p < s.b : q_doc[i] == k_doc[j]);
+  }
   // The span of the documents of rows [i0, i1) of one side (`doc`: q_doc or k_doc).
   MASK_FN DocSpan span(const int* doc, int i0, int i1) const {
     if (!DOCS) return {0, 0, true};
