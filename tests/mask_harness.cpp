@@ -76,11 +76,14 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
       const bool ok = d <= left && -d <= right && (!DOCS || q.doc[i] == k.doc[j]);
       any[i / BM * nkt + j / BN] |= ok;
       all[i / BM * nkt + j / BN] &= ok;
-      // The element masks of mixed tiles: the forward's (query tile span, key position)
-      // and the backward's (key tile span, query position).
-      if (mask.allowed_in(q.pos[i], k.pos[j], i, j, qspan[i / BM], k.pos[j]) != ok)
+      // The element masks of mixed tiles: the forward's (its query tile's span, or the
+      // row's own where the tile spans documents; key position) and the backward's (key
+      // tile's span or the key's own; query position).
+      const DocSpan fs = qspan[i / BM].one ? qspan[i / BM] : mask.row_span(mask.q_doc, i);
+      const DocSpan bs = kspan[j / BN].one ? kspan[j / BN] : mask.row_span(mask.k_doc, j);
+      if (mask.allowed_in(q.pos[i], k.pos[j], i, j, fs, k.pos[j]) != ok)
         fail("forward element mask differs from brute force", id, i / BM, j / BN);
-      if (mask.allowed_in(q.pos[i], k.pos[j], i, j, kspan[j / BN], q.pos[i]) != ok)
+      if (mask.allowed_in(q.pos[i], k.pos[j], i, j, bs, q.pos[i]) != ok)
         fail("backward element mask differs from brute force", id, i / BM, j / BN);
     }
   // The class of a tile pair as each kernel computes it: the forward from its query

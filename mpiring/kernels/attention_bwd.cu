@@ -58,6 +58,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   u16* sdS = sP + BM * LP;       // [BM][LP]: dS
   float* sL = reinterpret_cast<float*>(sdS + BM * LP);  // [2][BM]: lse·log2e (+1e30: row has no key)
   float* sD = sL + 2 * BM;                             // [2][BM]: delta
+  int2* sSpan = reinterpret_cast<int2*>(sD + 2 * BM);  // DOCS: [BN] each key's document span
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int bx = blockIdx.x, jt = blockIdx.z * gridDim.y + blockIdx.y;  // key tiles along y, then z
@@ -88,16 +89,20 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // padded keys of the ragged last tile are masked
   };
   // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed:
-  // the query tiles whose positions may see this key tile (window, documents).
+  // the query tiles whose positions may see this key tile (window, documents). Swept
+  // heads ascending, query tiles descending: under the deterministic dQ order key tile j
+  // then waits about one item behind key tile j − 1 (both start at the last query tile
+  // they share), not the ~BN/BM + 1 items that ascending order costs per key tile (each
+  // would start at its own diagonal, which the tiles before it reach last). Short
+  // documents, where the blocks of one document run side by side, showed it most.
   int wlo, whi;
   mask.queries_window(klo, khi, kspan, wlo, whi);
   const Sweep sweep = {qs, Sq, BM, wlo, whi};
   const int t_first = sweep.first(), t_end = sweep.end();
-  auto next_work = [&](int w) {
-    for (int g = w / nqt, t = max(w % nqt, t_first); g < G; ++g, t = t_first) {
-      for (; t < t_end; ++t)
+  auto next_work = [&](int g, int t) {  // the first item with work at or after (g, t) in sweep order
+    for (; g < G; ++g, t = t_end - 1)
+      for (t = min(t, t_end - 1); t >= t_first; --t)
         if (tile_class(t) != 0) return g * nqt + t;
-    }
     return G * nqt;
   };
   auto prefetch = [&](int w, int st) {
@@ -115,8 +120,13 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     }
   };
 
-  int w = next_work(0);
+  int w = next_work(0, t_end - 1);
   if (w >= G * nqt) return;  // dK/dV of this block get nothing from this step
+  if (DOCS && !kspan.one)  // keys of several documents: each key's own span (read after a barrier)
+    for (int c = threadIdx.x; c < BN; c += NT) {
+      const DocSpan rs = mask.row_span(mask.k_doc, min(j0 + c, Sk - 1));
+      sSpan[c] = make_int2(rs.a, rs.b);
+    }
   load_rows<BN, D, NT>(sK, gk, k_stride, j0, Sk);
   load_rows<BN, D, NT>(sV, gv, k_stride, j0, Sk);
   prefetch(w, 0);
@@ -147,7 +157,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   int stage = 0;
   int* added = 0;  // counter of the query tile whose dQ we added last, raised one phase later
   while (w < G * nqt) {
-    const int wn = next_work(w + 1);
+    const int wn = next_work(w / nqt, w % nqt - 1);
     if (wn < G * nqt) prefetch(wn, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -204,8 +214,10 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
             for (int e = 0; e < 2; ++e) {
               float p = ex2(s[mi][n][2 * hr + e] * scale_log2 - lr);
               if (mixed) {
-                const int j = j0 + n1 + n * 8 + 2 * (lane % 4) + e;
-                if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), i, min(j, Sk - 1), kspan, qp)) p = 0.f;
+                const int c = n1 + n * 8 + 2 * (lane % 4) + e, j = j0 + c;
+                DocSpan cs = kspan;  // the documents this key's queries must lie in
+                if (DOCS && !kspan.one) cs = one_span(sSpan[c]);
+                if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), i, min(j, Sk - 1), cs, qp)) p = 0.f;
               }
               pe[e] = p;
               dse[e] = p * (dp[mi][n][2 * hr + e] - dr);

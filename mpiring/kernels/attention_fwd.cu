@@ -41,6 +41,7 @@ __device__ __forceinline__ void attn_fwd_body(
   u16* sQ = reinterpret_cast<u16*>(smem_u4);
   u16* sK = sQ + BM * LD;  // [2][BN][LD]
   u16* sV = sK + 2 * BN * LD;
+  int2* sSpan = reinterpret_cast<int2*>(sV + 2 * BN * LD);  // DOCS: [BM] each row's document span
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
@@ -102,6 +103,11 @@ __device__ __forceinline__ void attn_fwd_body(
       }
     }
 
+  if (DOCS && !qspan.one && t < nkt)  // rows of several documents: each row's own span (read after a barrier)
+    for (int r = threadIdx.x; r < BM; r += NT) {
+      const DocSpan rs = mask.row_span(mask.q_doc, min(i0 + r, Sq - 1));
+      sSpan[r] = make_int2(rs.a, rs.b);
+    }
   if (t < nkt) {
     load_rows<BM, D, NT>(sQ, gq, q_stride, i0, Sq);
     load_rows<BN, D, NT>(sK, gk, k_stride, t * BN, Sk);
@@ -155,6 +161,8 @@ __device__ __forceinline__ void attn_fwd_body(
       for (int hr = 0; hr < 2; ++hr) {
         const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
         const int qp = mixed ? qs.pos(min(i, Sq - 1)) : 0;
+        DocSpan rs = qspan;  // the documents this row's keys must lie in
+        if (DOCS && mixed && !qspan.one) rs = one_span(sSpan[i - i0]);
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
@@ -163,7 +171,7 @@ __device__ __forceinline__ void attn_fwd_body(
             x *= scale_log2;
             if (mixed) {
               const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
-              if (j >= Sk || !mask.allowed_in(qp, ks.pos(j), min(i, Sq - 1), j, qspan, ks.pos(j))) x = MASKED;
+              if (j >= Sk || !mask.allowed_in(qp, ks.pos(j), min(i, Sq - 1), j, rs, ks.pos(j))) x = MASKED;
             }
           }
       }

@@ -63,6 +63,11 @@ struct DocSpan {
   bool one;
 };
 
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// A one-document span kept in shared memory as (a, b).
+__device__ __forceinline__ DocSpan one_span(int2 ab) { return {ab.x, ab.y, true}; }
+#endif
+
 // The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
 // causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
 // positions) are the document ids of packed sequences and `cu` their global boundaries
@@ -91,6 +96,14 @@ struct MaskInfo {
     const int d = qp - kp;
     if (d > left || -d > right) return false;
     return !DOCS || (s.one ? p >= s.a && p < s.b : q_doc[i] == k_doc[j]);
+  }
+  // The span of the document of row i of one side (`doc`: q_doc or k_doc): the kernels
+  // keep it per row of a block whose rows span several documents, so that the element
+  // masks of its mixed tiles are allowed_in() with a one-document span (no loads).
+  MASK_FN DocSpan row_span(const int* doc, int i) const {
+    if (!DOCS) return {0, 0, true};
+    const int d = doc[i];
+    return {cu[d], cu[d + 1], true};
   }
   // The span of the documents of rows [i0, i1) of one side (`doc`: q_doc or k_doc).
   MASK_FN DocSpan span(const int* doc, int i0, int i1) const {
