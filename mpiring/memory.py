@@ -339,7 +339,8 @@ def _cuda_phases(z: _Sizes, backward: bool):
     }
     if backward:
         phases["backward"] = {
-            **kv, "out, lse (held from forward)": Q * e + R * 4, "delta": R * 4, "dq (fp32 accumulator)": Q * 4,
+            **kv, "out, lse (held from forward)": Q * e + R * 4, "delta, lse·log2(e)": 2 * R * 4,
+            "dq (fp32 accumulator)": Q * 4,
             "dK/dV partials (fp32)": z.dkv_buffers * 2 * KV * 4, "dq, dk, dv": Q * e + 2 * KV * e,
         }
     return phases

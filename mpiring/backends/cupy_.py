@@ -190,7 +190,7 @@ class FwdState:
 class BwdState:
     q: object
     dout: object
-    lse: object  # (B, H, Sq) float32
+    lse2: object  # (B, H, Sq) float32: lse·log2(e), +1e30 where lse = −inf
     delta: object  # (B, H, Sq) float32
     dq: object  # (B, Sq, H, D) float32, scale applied
     heads_kv: int
@@ -326,8 +326,10 @@ class CudaKernelBackend:
         if rows:
             self._launch("attention_bwd.cu", f"bwd_delta_{KERNEL_DTYPES[q.dtype]}", d, 0, (-(-rows // per_block),),
                          (32 * per_block,), (dout, out, delta) + _i32(b, h, s), q)
+        # The kernel's row constant: lse in log2 units, +1e30 on rows with no key (so p = 0 there).
+        lse2 = xp.where(lse == _NEG_INF, np.float32(1e30), lse.astype(np.float32) * np.float32(math.log2(math.e)))
         return BwdState(
-            q=xp.ascontiguousarray(q), dout=dout, lse=xp.ascontiguousarray(lse, dtype=np.float32), delta=delta,
+            q=xp.ascontiguousarray(q), dout=dout, lse2=xp.ascontiguousarray(lse2, dtype=np.float32), delta=delta,
             dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale,
         )
 
@@ -350,7 +352,7 @@ class CudaKernelBackend:
             st.dq_sem.fill(0)
             sem = st.dq_sem
         args = (
-            (st.q, kv, st.dout, st.lse, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
+            (st.q, kv, st.dout, st.lse2, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
             + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, *docs)
         )

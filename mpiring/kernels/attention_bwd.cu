@@ -3,7 +3,8 @@
 // Layouts (all contiguous):
 //   q, dout, out  (B, Sq, H, D)        input dtype
 //   kv            (2, B, Sk, Hkv, D)   input dtype (travelling K then V)
-//   lse, delta    (B, H, Sq)   fp32    lse natural log (−inf: row had no key); delta = rowsum(dout∘out)
+//   lse2, delta   (B, H, Sq)   fp32    lse·log2(e), +1e30 where lse = −inf (the row had no key: p = 0);
+//                                      delta = rowsum(dout∘out)
 //   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomic adds: many K tiles add to one Q row)
 //   dq_sem        null, or int32 [1 + B·H·ceil(Sq/BM)], zero: deterministic dQ (below)
 //   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials)
@@ -38,7 +39,7 @@
 
 template <typename T, int D, int NW, int BM, int BN, bool DOCS>
 __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u16* __restrict__ kv,
-                                              const u16* __restrict__ dout, const float* __restrict__ lse,
+                                              const u16* __restrict__ dout, const float* __restrict__ lse2,
                                               const float* __restrict__ delta, float* __restrict__ dq_acc,
                                               float* __restrict__ dkv, int* __restrict__ dq_sem, int B, int H, int Hkv, int Sq,
                                               int Sk, float scale_log2, float scale, Segs qs, Segs ks,
@@ -56,7 +57,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   u16* sdO = sQ + 2 * BM * LD;   // [2][BM][LD]
   u16* sP = sdO + 2 * BM * LD;   // [BM][LP]: P in the input dtype
   u16* sdS = sP + BM * LP;       // [BM][LP]: dS
-  float* sL = reinterpret_cast<float*>(sdS + BM * LP);  // [2][BM]: lse·log2e (+1e30: row has no key)
+  float* sL = reinterpret_cast<float*>(sdS + BM * LP);  // [2][BM]: lse2
   float* sD = sL + 2 * BM;                             // [2][BM]: delta
   int2* sSpan = reinterpret_cast<int2*>(sD + 2 * BM);  // DOCS: [BN] each key's document span
 
@@ -110,13 +111,14 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     const long long off = ((long long)b * Sq * H + h) * D;
     load_rows<BM, D, NT>(sQ + st * BM * LD, q + off, q_stride, i0, Sq);
     load_rows<BM, D, NT>(sdO + st * BM * LD, dout + off, q_stride, i0, Sq);
-    for (int r = threadIdx.x; r < BM; r += NT) {
-      const int i = i0 + r;
-      const long long srow = ((long long)b * H + h) * Sq + i;
-      const float x = i < Sq ? lse[srow] : -__int_as_float(0x7f800000);
-      // p = 2^(s·scale_log2 − L): L = +1e30 gives p = 0 on rows with no key (lse = −inf) and padding rows.
-      sL[st * BM + r] = x == -__int_as_float(0x7f800000) ? 1.0e30f : x * LOG2E;
-      sD[st * BM + r] = i < Sq ? delta[srow] : 0.f;
+    // lse2 and delta rows, copied asynchronously like Q and dO (a plain load here stalled
+    // the loading warps, and the block at the next barrier, for a global-memory latency
+    // per query tile). Padding rows read 0: their Q and dO rows are zero, so P there
+    // meets only dO = 0 and dS = P∘(0 − 0) = 0.
+    for (int r = threadIdx.x; r < 2 * BM; r += NT) {
+      const int rr = r < BM ? r : r - BM, i = i0 + rr;
+      const long long srow = ((long long)b * H + h) * Sq + min(i, Sq - 1);
+      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);
     }
   };
 
@@ -328,7 +330,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
 #define BWD_ENTRY(NAME, T, DOCS)                                                                               \
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
-      const u16* q, const u16* kv, const u16* dout, const float* lse, const float* delta, float* dq_acc,        \
+      const u16* q, const u16* kv, const u16* dout, const float* lse2, const float* delta, float* dq_acc,        \
       float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale,            \
       int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,        \
       int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc,        \
@@ -336,7 +338,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                               \
     Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                               \
     MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu};                                                      \
-    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, kv, dout, lse, delta, dq_acc, dkv, dq_sem, B, H, \
+    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, kv, dout, lse2, delta, dq_acc, dkv, dq_sem, B, H, \
                                                              Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
   }
 

@@ -1,0 +1,157 @@
+"""Source variants of the CUDA kernels, timed against the current ones in one process.
+
+Each variant is a list of text replacements in ``mpiring/kernels``; the script swaps the
+sources the backend compiles (no change to the library), runs causal and non-causal
+forward+backward through ``mpiring.ring_attention(_backward)`` at one rank, and reports
+each kernel's own time (CUDA events around the backend's launches, median of
+``--iters``) and whether dq/dk/dv equal the current kernels' bitwise (variants that
+only reorder the schedule must).
+
+    python3 bench/kernel_variants.py [--tokens 16384] [--heads 16] [--variants a,b]
+
+Prints one table: per variant and case, forward and backward kernel ms and the speedup
+against ``current``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from mpi4py import MPI
+
+import mpiring
+from mpiring.backends import cupy_
+
+_P1 = "#pragma unroll 1\n      for (int kk = 0; kk < D / 16; ++kk) {\n        u32 aq[2][4]"
+_P3 = "#pragma unroll 1\n      for (int kk = 0; kk < BN / 16; ++kk) {"
+_FWD_MAP = """  const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
+  // Query tiles along y, continued along z past the grid's y limit (65535).
+  const int nqt = (Sq + BM - 1) / BM, tile = blockIdx.z * gridDim.y + blockIdx.y;
+  if (tile >= nqt) return;"""
+_FWD_TILES_FASTEST = """  const int nqt = (Sq + BM - 1) / BM;
+  const unsigned lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int bh = lin / nqt, tile = lin % nqt;
+  if (bh >= B * H) return;
+  const int b = bh / H, h = bh % H, hk = h / (H / Hkv);"""
+_BWD_GRID = "  int bx = blockIdx.x, jt = blockIdx.z * gridDim.y + blockIdx.y;  // key tiles along y, then z\n"
+_BWD_KEYS_FASTEST_ATOMIC = _BWD_GRID + """  if (dq_sem == 0) {
+    const int nk = (Sk + BN - 1) / BN;
+    const unsigned lin = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    bx = lin / nk;
+    jt = lin % nk;
+    if (bx >= (int)gridDim.x) return;
+  }
+"""
+_BWD_TICKET = "    bx = ticket % gridDim.x;\n    jt = ticket / gridDim.x;\n"
+
+
+def _ticket_groups(heads: int) -> str:
+    """Deterministic tickets in groups of ``heads`` (batch·kv head) rows, key tiles of a
+    group in order, heads fastest within a group (needs gridDim.x divisible by it)."""
+    return f"""    {{
+      const int nk = (Sk + BN - 1) / BN, gh = min({heads}, (int)gridDim.x);
+      const int grp = ticket / (gh * nk), rem = ticket % (gh * nk);
+      bx = grp * gh + rem % gh;
+      jt = rem / gh;
+      if (bx >= (int)gridDim.x) return;
+    }}
+"""
+
+
+VARIANTS = {
+    "current": [],
+    # backward phase 1 (S, dP) k-loop unrolled: ldmatrix of step kk+1 can issue under kk's MMAs
+    "bwd-p1-unrolled": [("attention_bwd.cu", _P1, _P1.replace("unroll 1", "unroll"))],
+    # backward phase 3 (dQ) k-loop unrolled
+    "bwd-p3-unrolled": [("attention_bwd.cu", _P3, _P3.replace("unroll 1", "unroll"))],
+    "bwd-both-unrolled": [("attention_bwd.cu", _P1, _P1.replace("unroll 1", "unroll")),
+                          ("attention_bwd.cu", _P3, _P3.replace("unroll 1", "unroll"))],
+    # forward: query tiles fastest, heads slowest (FLASH's grid order: the blocks side by
+    # side share one head's K/V in L2); the current grid has heads fastest
+    "fwd-tiles-fastest": [("attention_fwd.cu", _FWD_MAP, _FWD_TILES_FASTEST)],
+    # backward, atomic dQ: key tiles fastest (one head's blocks side by side: its Q, dO, dQ in L2)
+    "bwd-keys-fastest-atomic": [("attention_bwd.cu", _BWD_GRID, _BWD_KEYS_FASTEST_ATOMIC)],
+    # backward, deterministic dQ: tickets in groups of 4 / 16 heads, key tiles in order
+    "bwd-det-groups4": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(4))],
+    "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(16))],
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=16384)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--atomic", action="store_true", help="backward with atomic dQ (deterministic=False)")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    import cupy
+
+    original = cupy_.kernel_sources()
+    events = []
+    launch = cupy_.CudaKernelBackend._launch
+
+    def timed_launch(self, kernel_file, name, *a, **kw):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        launch(self, kernel_file, name, *a, **kw)
+        end.record()
+        events.append((name, start, end))
+
+    cupy_.CudaKernelBackend._launch = timed_launch
+    rng = cupy.random.default_rng(0)
+    shape = (1, args.tokens, args.heads, 128)
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(cupy.float16) for _ in range(4))
+    comm, rows, reference = MPI.COMM_SELF, [], {}
+    for name in args.variants.split(","):
+        sources = dict(original)
+        for file, old, new in VARIANTS[name]:
+            if old not in sources[file]:
+                raise SystemExit(f"variant {name}: text not found in {file}: {old!r}")
+            sources[file] = sources[file].replace(old, new)
+        cupy_.kernel_sources = lambda sources=sources: sources
+        cupy_._module.cache_clear()
+        for causal in (False, True):
+            def call(causal=causal):
+                out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal)
+                return mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, causal=causal,
+                                                       deterministic=not args.atomic)
+
+            grads = call()  # compiles
+            times = {"fwd": [], "bwd": []}
+            for _ in range(args.iters):
+                events.clear()
+                call()
+                cupy.cuda.get_current_stream().synchronize()
+                for part in times:
+                    times[part].append(sum(cupy.cuda.get_elapsed_time(a, b) for n, a, b in events
+                                           if n.startswith(f"attn_{part}")))
+            same = None
+            if name == "current":
+                reference[causal] = [g.copy() for g in grads]
+            elif causal in reference:
+                same = all(bool((g == r).all()) for g, r in zip(grads, reference[causal]))
+            rows.append({"variant": name, "causal": causal, "fwd_ms": float(np.median(times["fwd"])),
+                         "bwd_ms": float(np.median(times["bwd"])), "bitwise_same_grads": same})
+    base = {r["causal"]: r for r in rows if r["variant"] == "current"}
+    print("| variant | causal | fwd ms | bwd ms | bwd speedup vs current | grads bitwise same |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        b = base.get(r["causal"])
+        speedup = f"{b['bwd_ms'] / r['bwd_ms']:.3f}" if b else "-"
+        print(f"| {r['variant']} | {int(r['causal'])} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {speedup} | "
+              f"{r['bitwise_same_grads']} |")
+    if args.out:
+        from mpiring.bench.common import card_name, command_line, today
+
+        with open(args.out, "w") as f:
+            json.dump({"card": card_name(), "date": today(), "command": command_line(), "tokens": args.tokens,
+                       "dq": "atomic" if args.atomic else "deterministic",
+                       "heads": args.heads, "head_dim": 128, "dtype": "float16", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
