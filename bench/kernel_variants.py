@@ -60,6 +60,9 @@ def _ticket_groups(heads: int) -> str:
 """
 
 
+_ROWS_ASYNC = """      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);"""
+_ROWS_PLAIN = """      (r < BM ? sL : sD)[st * BM + rr] = i < Sq ? (r < BM ? lse2 : delta)[srow] : 0.f;"""
+
 VARIANTS = {
     "current": [],
     # backward phase 1 (S, dP) k-loop unrolled: ldmatrix of step kk+1 can issue under kk's MMAs
@@ -76,6 +79,8 @@ VARIANTS = {
     # backward, deterministic dQ: tickets in groups of 4 / 16 heads, key tiles in order
     "bwd-det-groups4": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(4))],
     "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(16))],
+    # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
+    "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
 }
 
 
