@@ -112,6 +112,23 @@ def test_message_counts(comm, seed, transport):
 
 
 @gpu
+def test_nccl_channel_cap_stays_inside(comm):
+    """The NCCL transport caps its channels (MPIRING_NCCL_CHANNELS, default 4) only while
+    it makes its communicator: the process environment is as it was afterwards, so torch's
+    NCCL (or anything else) never inherits the cap."""
+    if comm.Get_size() == 1:
+        pytest.skip("no transport at -n 1")
+    from mpiring.transport.nccl import NcclTransport, channels_from_env
+
+    before = dict(os.environ)
+    tr = NcclTransport(private_comm(comm).Dup())  # a fresh communicator, not the cached one
+    assert dict(os.environ) == before
+    user_set = any(name in before for name in ("NCCL_MAX_NCHANNELS", "NCCL_MAX_CTAS", "NCCL_MIN_NCHANNELS",
+                                               "NCCL_MIN_CTAS"))
+    assert tr.channels == (None if user_set or channels_from_env()[0] == 0 else channels_from_env()[0])
+
+
+@gpu
 def test_chunked_staging(comm, seed):
     """mpi-staged: messages split in many pieces (tiny staging chunks) arrive whole and in order."""
     from mpiring.transport.mpi_staged import MpiStagedTransport

@@ -346,6 +346,8 @@ def _ring_rows(comm, n, seqlens, cases, passes, transports, args, common, notes)
                                    efficiency=tf / compute_tf, compute_only_tflops_per_gpu=compute_tf,
                                    check_rel_err=checked[name])
                     row.update(_step_times(comm, tr, fn))
+                    if name == "nccl":  # NCCL_MAX_NCHANNELS while the communicator was made (None: NCCL's choice)
+                        row["nccl_channels"] = getattr(tr, "channels", None)
                     rows.append(row)
                     say(f"n={n} S={seqlen} {layout} causal={causal} {mode} {name}: {tf:.1f} TF/s/GPU, "
                         f"efficiency {tf / compute_tf:.3f}", flush=True)
