@@ -16,13 +16,15 @@ against ``current``.
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
+import sys
 
 import numpy as np
 from mpi4py import MPI
 
 import mpiring
 from mpiring.backends import cupy_
+from mpiring.bench.common import attention_flops, card_name, make_row, today, write_rows
 
 _P1 = "#pragma unroll 1\n      for (int kk = 0; kk < D / 16; ++kk) {\n        u32 aq[2][4]"
 _P3 = "#pragma unroll 1\n      for (int kk = 0; kk < BN / 16; ++kk) {"
@@ -150,12 +152,29 @@ def main() -> None:
         print(f"| {r['variant']} | {int(r['causal'])} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | {speedup} | "
               f"{r['bitwise_same_grads']} |")
     if args.out:
-        from mpiring.bench.common import card_name, command_line, today
+        meta = {"card": card_name(), "date": today(), "command": "python3 " + shlex.join(sys.argv),
+                "tokens": args.tokens, "heads": args.heads, "dq": "atomic" if args.atomic else "deterministic"}
+        write_rows(args.out, result_rows(meta, rows))
 
-        with open(args.out, "w") as f:
-            json.dump({"card": card_name(), "date": today(), "command": command_line(), "tokens": args.tokens,
-                       "dq": "atomic" if args.atomic else "deterministic",
-                       "heads": args.heads, "head_dim": 128, "dtype": "float16", "rows": rows}, f, indent=1)
+
+def result_rows(meta: dict, variant_rows: list[dict]) -> list[dict]:
+    """The bench/results rows: per variant and causal, fwd+bwd TF/s over the kernels' own
+    time (forward + backward kernels), the two times and the speed-up against ``current``."""
+    base = {r["causal"]: r for r in variant_rows if r["variant"] == "current"}
+    out = []
+    for r in variant_rows:
+        flops = attention_flops(1, meta["tokens"], meta["tokens"], meta["heads"], 128, causal=r["causal"],
+                                mode="fwd+bwd")
+        b = base.get(r["causal"])
+        out.append(make_row(
+            bench="kernel-variant", card=meta["card"], date=meta["date"], command=meta["command"], dtype="float16",
+            heads=meta["heads"], heads_kv=meta["heads"], head_dim=128, seqlen=meta["tokens"], n_gpus=1,
+            causal=r["causal"], layout="contiguous", transport=None, **{"pass": "fwd+bwd"}, dq=meta["dq"],
+            variant=r["variant"], tflops_per_gpu=flops / (r["fwd_ms"] + r["bwd_ms"]) / 1e9, fwd_ms=r["fwd_ms"],
+            bwd_ms=r["bwd_ms"], bwd_speedup_vs_current=None if b is None else b["bwd_ms"] / r["bwd_ms"],
+            bitwise_same_grads=r["bitwise_same_grads"], **{k: meta[k] for k in ("code", "job") if k in meta},
+        ))
+    return out
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import pstats
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -29,7 +30,7 @@ from mpi4py import MPI
 
 import mpiring
 from mpiring import api
-from mpiring.bench.common import card_name, command_line, today
+from mpiring.bench.common import attention_flops, card_name, make_row, today, write_rows
 from mpiring.bench.longctx import _documents
 
 
@@ -127,9 +128,36 @@ def main() -> None:
               f"{r['fwd_kernel_ms']:.2f} | {r['fwd+bwd_wall_ms']:.2f} | {r['fwd+bwd_kernel_ms']:.2f} | "
               f"{r['prepare_ms']:.2f} | {waste[0]:.2f} | {waste[1]:.2f} | {waste[2]:.2f} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"card": card_name(), "date": today(), "command": command_line(), "tokens": args.tokens,
-                       "heads": args.heads, "head_dim": 128, "dtype": "float16", "rows": rows}, f, indent=1)
+        meta = {"card": card_name(), "date": today(), "command": "python3 " + shlex.join(sys.argv),
+                "tokens": args.tokens, "heads": args.heads}
+        write_rows(args.out, result_rows(meta, rows))
+
+
+def result_rows(meta: dict, probe_rows: list[dict]) -> list[dict]:
+    """The bench/results rows of one probe: per document count and pass (fwd, fwd+bwd,
+    fwd+bwd with atomic dQ), useful TF/s over wall time and over kernel time, the times,
+    and the kernel time against the useful fraction of fixed length's (``kernel_waste``)."""
+    fixed = next(r for r in probe_rows if r["documents"] == 0)
+    out = []
+    for r in probe_rows:
+        for name in ("fwd", "fwd+bwd", "fwd+bwd_atomic"):
+            if f"{name}_kernel_ms" not in r:
+                continue
+            mode = name.split("_")[0]
+            flops = r["useful_fraction"] * attention_flops(1, meta["tokens"], meta["tokens"], meta["heads"], 128,
+                                                           causal=True, mode=mode)
+            out.append(make_row(
+                bench="varlen-probe", card=meta["card"], date=meta["date"], command=meta["command"], dtype="float16",
+                heads=meta["heads"], heads_kv=meta["heads"], head_dim=128, seqlen=meta["tokens"], n_gpus=1,
+                causal=True, layout="contiguous", transport=None, **{"pass": mode},
+                dq="atomic" if name.endswith("atomic") else "deterministic", documents=r["documents"],
+                useful_fraction=r["useful_fraction"], tflops_per_gpu=flops / r[f"{name}_wall_ms"] / 1e9,
+                kernel_tflops_per_gpu=flops / r[f"{name}_kernel_ms"] / 1e9, wall_ms=r.get(f"{name}_wall_ms"),
+                kernel_ms=r[f"{name}_kernel_ms"], prepare_ms=r["prepare_ms"],
+                kernel_waste=r[f"{name}_kernel_ms"] / (r["useful_fraction"] * fixed[f"{name}_kernel_ms"]),
+                **{k: meta[k] for k in ("code", "job") if k in meta},
+            ))
+    return out
 
 
 if __name__ == "__main__":
