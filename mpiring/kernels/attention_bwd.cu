@@ -219,7 +219,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
                 const int c = n1 + n * 8 + 2 * (lane % 4) + e, j = j0 + c;
                 DocSpan cs = kspan;  // the documents this key's queries must lie in
                 if (DOCS && !kspan.one) cs = one_span(sSpan[c]);
-                if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), i, min(j, Sk - 1), cs, qp)) p = 0.f;
+                if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), cs, qp)) p = 0.f;
               }
               pe[e] = p;
               dse[e] = p * (dp[mi][n][2 * hr + e] - dr);

@@ -171,7 +171,7 @@ __device__ __forceinline__ void attn_fwd_body(
             x *= scale_log2;
             if (mixed) {
               const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
-              if (j >= Sk || !mask.allowed_in(qp, ks.pos(j), min(i, Sq - 1), j, rs, ks.pos(j))) x = MASKED;
+              if (j >= Sk || !mask.allowed_in(qp, ks.pos(j), rs, ks.pos(j))) x = MASKED;
             }
           }
       }

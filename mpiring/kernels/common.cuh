@@ -134,7 +134,11 @@ __device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride
   for (int k = 0; k < (ROWS * C + NT - 1) / NT; ++k) {
     const int idx = threadIdx.x + k * NT;
     if (ROWS * C % NT == 0 || idx < ROWS * C) {
-      const int r = idx / C, c = idx % C;
+      // With NT a multiple of C every copy of a thread has the same column: said so, the
+      // compiler keeps one column offset, not one 64-bit address per copy (the 64-key
+      // forward spilled those).
+      const int r = NT % C == 0 ? (int)threadIdx.x / C + k * (NT / C) : idx / C;
+      const int c = NT % C == 0 ? (int)threadIdx.x % C : idx % C;
       const bool ok = row0 + r < nrows;
       cp_async16(s + r * (D + 8) + c * 8, ok ? g + (row0 + r) * stride + c * 8 : g, ok);
     }

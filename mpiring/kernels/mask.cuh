@@ -89,13 +89,13 @@ struct MaskInfo {
     const int d = qp - kp;
     return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
   }
-  // allowed() for a pair inside a tile pair where one side's documents span `s` and `p`
-  // is the other side's position: when that side is one document, equal documents means
-  // p lies in its span (no document-id loads per element).
-  MASK_FN bool allowed_in(int qp, int kp, int i, int j, DocSpan s, int p) const {
+  // allowed() for a pair where one side's row lies in the one document spanning `s`
+  // (s.one: a tile's span, or the row's own from row_span()) and `p` is the other side's
+  // position: equal documents means p lies in that span (no document-id loads).
+  MASK_FN bool allowed_in(int qp, int kp, DocSpan s, int p) const {
     const int d = qp - kp;
     if (d > left || -d > right) return false;
-    return !DOCS || (s.one ? p >= s.a && p < s.b : q_doc[i] == k_doc[j]);
+    return !DOCS || (p >= s.a && p < s.b);
   }
   // The span of the document of row i of one side (`doc`: q_doc or k_doc): the kernels
   // keep it per row of a block whose rows span several documents, so that the element
