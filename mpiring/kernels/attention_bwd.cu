@@ -330,7 +330,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
 #define BWD_ENTRY(NAME, T, DOCS)                                                                               \
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
-      const u16* q, const u16* kv, const u16* dout, const float* lse2, const float* delta, float* dq_acc,        \
+      const u16* q, const u16* kv, const u16* dout, const float* lse2, const float* delta, float* dq_acc,       \
       float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale,            \
       int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,        \
       int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc,        \
