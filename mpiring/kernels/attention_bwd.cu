@@ -89,7 +89,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     const int c = mask.classify(qlo, qhi, klo, khi, kspan, qlo, qhi);
     return (c == 1 && j0 + BN > Sk) ? 2 : c;  // padded keys of the ragged last tile are masked
   };
-  // Work items w = g·nqt + t (q head hk·G + g, query tile t) with something allowed:
+  // Work items (g, t) (q head hk·G + g, query tile t; g = G: none left) with something allowed:
   // the query tiles whose positions may see this key tile (window, documents). Swept
   // heads ascending, query tiles descending: under the deterministic dQ order key tile j
   // then waits about one item behind key tile j − 1 (both start at the last query tile
@@ -100,14 +100,16 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   mask.queries_window(klo, khi, kspan, wlo, whi);
   const Sweep sweep = {qs, Sq, BM, wlo, whi};
   const int t_first = sweep.first(), t_end = sweep.end();
+  // Kept as a pair, not one index g·nqt + t: dividing that by nqt in the loop cost a
+  // signed 32-bit division sequence (~25 instructions) several times per query tile.
   auto next_work = [&](int g, int t) {  // the first item with work at or after (g, t) in sweep order
     for (; g < G; ++g, t = t_end - 1)
       for (t = min(t, t_end - 1); t >= t_first; --t)
-        if (tile_class(t) != 0) return g * nqt + t;
-    return G * nqt;
+        if (tile_class(t) != 0) return make_int2(g, t);
+    return make_int2(G, 0);
   };
-  auto prefetch = [&](int w, int st) {
-    const int h = hk * G + w / nqt, i0 = (w % nqt) * BM;
+  auto prefetch = [&](int2 w, int st) {
+    const int h = hk * G + w.x, i0 = w.y * BM;
     const long long off = ((long long)b * Sq * H + h) * D;
     load_rows<BM, D, NT>(sQ + st * BM * LD, q + off, q_stride, i0, Sq);
     load_rows<BM, D, NT>(sdO + st * BM * LD, dout + off, q_stride, i0, Sq);
@@ -115,15 +117,17 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     // the loading warps, and the block at the next barrier, for a global-memory latency
     // per query tile). Padding rows read 0: their Q and dO rows are zero, so P there
     // meets only dO = 0 and dS = P∘(0 − 0) = 0.
+    // One copy per thread where the block has enough threads (the tuned shapes): no loop.
     for (int r = threadIdx.x; r < 2 * BM; r += NT) {
       const int rr = r < BM ? r : r - BM, i = i0 + rr;
       const long long srow = ((long long)b * H + h) * Sq + min(i, Sq - 1);
       cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);
+      if (2 * BM <= NT) break;
     }
   };
 
-  int w = next_work(0, t_end - 1);
-  if (w >= G * nqt) return;  // dK/dV of this block get nothing from this step
+  int2 w = next_work(0, t_end - 1);
+  if (w.x >= G) return;  // dK/dV of this block get nothing from this step
   if (DOCS && !kspan.one)  // keys of several documents: each key's own span (read after a barrier)
     for (int c = threadIdx.x; c < BN; c += NT) {
       const DocSpan rs = mask.row_span(mask.k_doc, min(j0 + c, Sk - 1));
@@ -158,13 +162,13 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
   int stage = 0;
   int* added = 0;  // counter of the query tile whose dQ we added last, raised one phase later
-  while (w < G * nqt) {
-    const int wn = next_work(w / nqt, w % nqt - 1);
-    if (wn < G * nqt) prefetch(wn, stage ^ 1);
+  while (w.x < G) {
+    const int2 wn = next_work(w.x, w.y - 1);
+    if (wn.x < G) prefetch(wn, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
-    const int h = hk * G + w / nqt, t = w % nqt, i0 = t * BM;
+    const int h = hk * G + w.x, t = w.y, i0 = t * BM;
     int* const sem = dq_sem == 0 ? 0 : dq_sem + 1 + ((long long)b * H + h) * nqt + t;
     const u32 so = stage * (2 * BM * LD);
     const float* sLs = sL + stage * BM;
