@@ -99,13 +99,9 @@ struct MaskInfo {
   const int* q_doc;
   const int* k_doc;
   const int* cu;
-  MASK_FN bool allowed(int qp, int kp, int i, int j) const {
-    const int d = qp - kp;
-    return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
-  }
-  // allowed() for a pair inside a tile pair where one side's documents span `s` and `p`
-  // is the other side's position: when that side is one document, equal documents means
-  // p lies in its span (no document-id loads per element).
+  // Whether a pair is allowed, inside a tile pair where one side's documents span `s` and
+  // `p` is the other side's position: when that side is one document, equal documents
+  // means p lies in its span (no document-id loads per element).
   MASK_FN bool allowed_in(int qp, int kp, int i, int j, DocSpan s, int p) const {
     const int d = qp - kp;
     if (d > left || -d > right) return false;
