@@ -24,7 +24,15 @@ from mpi4py import MPI
 
 import mpiring
 from mpiring.backends import cupy_
-from mpiring.bench.common import attention_flops, card_name, make_row, today, write_rows
+from mpiring.bench.common import (
+    attention_flops,
+    card_name,
+    kernel_launch_events,
+    kernel_ms,
+    make_row,
+    today,
+    write_rows,
+)
 
 _P1 = "#pragma unroll 1\n      for (int kk = 0; kk < D / 16; ++kk) {\n        u32 aq[2][4]"
 _P3 = "#pragma unroll 1\n      for (int kk = 0; kk < BN / 16; ++kk) {"
@@ -95,20 +103,15 @@ def main() -> None:
     p.add_argument("--atomic", action="store_true", help="backward with atomic dQ (deterministic=False)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    with kernel_launch_events() as events:
+        _run(args, events)
+
+
+def _run(args, events) -> None:
+    """Every variant timed; ``events``: the kernel launches (:func:`kernel_launch_events`)."""
     import cupy
 
     original = cupy_.kernel_sources()
-    events = []
-    launch = cupy_.CudaKernelBackend._launch
-
-    def timed_launch(self, kernel_file, name, *a, **kw):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        launch(self, kernel_file, name, *a, **kw)
-        end.record()
-        events.append((name, start, end))
-
-    cupy_.CudaKernelBackend._launch = timed_launch
     rng = cupy.random.default_rng(0)
     shape = (1, args.tokens, args.heads, 128)
     q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(cupy.float16) for _ in range(4))
@@ -134,8 +137,7 @@ def main() -> None:
                 call()
                 cupy.cuda.get_current_stream().synchronize()
                 for part in times:
-                    times[part].append(sum(cupy.cuda.get_elapsed_time(a, b) for n, a, b in events
-                                           if n.startswith(f"attn_{part}")))
+                    times[part].append(kernel_ms(events, f"attn_{part}"))
             same = None
             if name == "current":
                 reference[causal] = [g.copy() for g in grads]

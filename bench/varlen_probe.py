@@ -30,7 +30,15 @@ from mpi4py import MPI
 
 import mpiring
 from mpiring import api
-from mpiring.bench.common import attention_flops, card_name, make_row, today, write_rows
+from mpiring.bench.common import (
+    attention_flops,
+    card_name,
+    kernel_launch_events,
+    kernel_ms,
+    make_row,
+    today,
+    write_rows,
+)
 from mpiring.bench.longctx import _documents
 
 
@@ -42,21 +50,13 @@ def main() -> None:
     p.add_argument("--out", default="")
     args = p.parse_args()
 
+    with kernel_launch_events() as events:
+        _run(args, events)
+
+
+def _run(args, events) -> None:
+    """The probe itself; ``events``: the kernel launches (:func:`kernel_launch_events`)."""
     import cupy
-
-    from mpiring.backends.cupy_ import CudaKernelBackend
-
-    events = []
-    launch = CudaKernelBackend._launch
-
-    def timed_launch(self, *a, **kw):  # events around each attention kernel launch
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        launch(self, *a, **kw)
-        end.record()
-        events.append((start, end))
-
-    CudaKernelBackend._launch = timed_launch
 
     def measure(fn, repeat=5):
         """Median wall ms and median summed kernel ms of ``fn`` (after one warm-up)."""
@@ -69,7 +69,7 @@ def main() -> None:
             fn()
             cupy.cuda.get_current_stream().synchronize()
             walls.append(time.perf_counter() - t)
-            kernels.append(sum(cupy.cuda.get_elapsed_time(a, b) for a, b in events) / 1e3)
+            kernels.append(kernel_ms(events) / 1e3)
         return float(np.median(walls)) * 1e3, float(np.median(kernels)) * 1e3
 
     rng = cupy.random.default_rng(0)

@@ -202,10 +202,10 @@ def _documents_have_work(q_segs, k_segs, mask: Mask) -> bool:
     left + right + 1 apart, and then the first key at or after its start decides; queries
     spaced wider (striped with a narrow two-sided window) take the exact search on positions."""
     cu, left, right = mask.cu_seqlens, mask.left, mask.right_bound
+    k_rows = [(ks, *_rows_per_document(ks, cu)) for ks in k_segs]
     for qs in q_segs:
         qf, ql, qn = _rows_per_document(qs, cu)
-        for ks in k_segs:
-            kf, kl, kn = _rows_per_document(ks, cu)
+        for ks, kf, kl, kn in k_rows:
             ok = qn & kn
             if left is None and right is not None:
                 ok &= kf <= ql + right

@@ -118,13 +118,12 @@ def test_nccl_channel_cap_stays_inside(comm):
     NCCL (or anything else) never inherits the cap."""
     if comm.Get_size() == 1:
         pytest.skip("no transport at -n 1")
-    from mpiring.transport.nccl import NcclTransport, channels_from_env
+    from mpiring.transport.nccl import NCCL_CHANNEL_VARS, NcclTransport, channels_from_env
 
     before = dict(os.environ)
     tr = NcclTransport(private_comm(comm).Dup())  # a fresh communicator, not the cached one
     assert dict(os.environ) == before
-    user_set = any(name in before for name in ("NCCL_MAX_NCHANNELS", "NCCL_MAX_CTAS", "NCCL_MIN_NCHANNELS",
-                                               "NCCL_MIN_CTAS"))
+    user_set = any(name in before for name in NCCL_CHANNEL_VARS)
     assert tr.channels == (None if user_set or channels_from_env()[0] == 0 else channels_from_env()[0])
 
 

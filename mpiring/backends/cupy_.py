@@ -327,9 +327,11 @@ class CudaKernelBackend:
             self._launch("attention_bwd.cu", f"bwd_delta_{KERNEL_DTYPES[q.dtype]}", d, 0, (-(-rows // per_block),),
                          (32 * per_block,), (dout, out, delta) + _i32(b, h, s), q)
         # The kernel's row constant: lse in log2 units, +1e30 on rows with no key (so p = 0 there).
-        lse2 = xp.where(lse == _NEG_INF, np.float32(1e30), lse.astype(np.float32) * np.float32(math.log2(math.e)))
+        # (xp.where makes a new contiguous float32 array.)
+        log2_lse = lse.astype(np.float32, copy=False) * np.float32(math.log2(math.e))
+        lse2 = xp.where(lse == _NEG_INF, np.float32(1e30), log2_lse)
         return BwdState(
-            q=xp.ascontiguousarray(q), dout=dout, lse2=xp.ascontiguousarray(lse2, dtype=np.float32), delta=delta,
+            q=xp.ascontiguousarray(q), dout=dout, lse2=lse2, delta=delta,
             dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale,
         )
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shlex
 import sys
 
-__all__ = ["REQUIRED", "attention_flops", "card_name", "command_line", "make_row", "write_rows", "time_cuda"]
+__all__ = ["REQUIRED", "attention_flops", "card_name", "command_line", "kernel_launch_events", "kernel_ms", "make_row",
+           "write_rows", "time_cuda"]
 
 # Every row of bench/results/*.json has at least these keys (bench/README.md).
 REQUIRED = ("bench", "card", "date", "command", "dtype", "heads", "heads_kv", "head_dim", "seqlen", "n_gpus",
@@ -74,3 +76,36 @@ def time_cuda(fn, *, warmup: int = 2, iters: int = 10, stream=None) -> float:
         times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+@contextlib.contextmanager
+def kernel_launch_events():
+    """While active, CUDA events around every kernel launch of the CUDA kernel backend:
+    yields the list they go to, ``(kernel name, start event, end event)`` in launch order
+    (clear it between timed calls; :func:`kernel_ms` sums it). For the probe scripts:
+    the kernels' own device time, apart from the host and the other work of a call."""
+    import cupy
+
+    from mpiring.backends.cupy_ import CudaKernelBackend
+
+    events, launch = [], CudaKernelBackend._launch
+
+    def timed(self, kernel_file, name, *args, **kwargs):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        launch(self, kernel_file, name, *args, **kwargs)
+        end.record()
+        events.append((name, start, end))
+
+    CudaKernelBackend._launch = timed
+    try:
+        yield events
+    finally:
+        CudaKernelBackend._launch = launch
+
+
+def kernel_ms(events, prefix: str = "") -> float:
+    """Milliseconds of the launches in ``events`` (synchronised) whose kernel name starts with ``prefix``."""
+    import cupy
+
+    return sum(cupy.cuda.get_elapsed_time(start, end) for name, start, end in events if name.startswith(prefix))

@@ -336,12 +336,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
       const u16* q, const u16* kv, const u16* dout, const float* lse2, const float* delta, float* dq_acc,       \
       float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale,            \
-      int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,        \
-      int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc,        \
-      const int* cu) {                                                                                          \
-    Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                               \
-    Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                               \
-    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu};                                                      \
+      MASK_PARAMS) {                                                                                            \
+    MASK_UNPACK(DOCS);                                                                                          \
     attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, kv, dout, lse2, delta, dq_acc, dkv, dq_sem, B, H, \
                                                              Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
   }

@@ -283,12 +283,8 @@ __device__ __forceinline__ void attn_fwd_body(
 #define FWD_ENTRY(NAME, T, DOCS)                                                                              \
   extern "C" __global__ void __launch_bounds__(32 * FWD_NW) NAME(                                              \
       const u16* q, const u16* kv, float* acc, float* m_state, float* l_state, u16* out, float* lse, int B,      \
-      int H, int Hkv, int Sq, int Sk, float scale_log2, int q_start0, int q_stride0, int q_len0, int q_start1, \
-      int q_stride1, int k_start0, int k_stride0, int k_len0, int k_start1, int k_stride1, int left, int right, \
-      const int* q_doc, const int* k_doc, const int* cu, int first, int last) {                                \
-    Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                              \
-    Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                              \
-    MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu};                                                     \
+      int H, int Hkv, int Sq, int Sk, float scale_log2, MASK_PARAMS, int first, int last) {                      \
+    MASK_UNPACK(DOCS);                                                                                         \
     attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN, DOCS>(q, kv, acc, m_state, l_state, out, lse, B, H, Hkv, \
                                                              Sq, Sk, scale_log2, qs, ks, mask, first, last);  \
   }

@@ -79,17 +79,27 @@ __device__ __forceinline__ DocSpan one_span(int2 ab) { return {ab.x, ab.y, true}
 // searchsorted(cu, p, 'right') − 1; no row is in an empty document), so "documents
 // d0..d1 meet rows with positions lo..hi" is a comparison of lo, hi with the block's own
 // span [cu[d0], cu[d1 + 1]). The loops then carry no dependent global load per tile.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// The kernels' mask arguments, in this order in every entry point: each side's segments
+// (Segs), the window and the documents (MaskInfo); MASK_UNPACK(DOCS) makes `qs`, `ks` and
+// `mask` of them.
+#define MASK_PARAMS                                                                                          \
+  int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,         \
+      int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc,       \
+      const int* cu
+#define MASK_UNPACK(DOCS)                                                                                    \
+  Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                              \
+  Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                              \
+  MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu}
+#endif
+
 template <bool DOCS>
 struct MaskInfo {
   int left, right;
   const int* q_doc;
   const int* k_doc;
   const int* cu;
-  MASK_FN bool allowed(int qp, int kp, int i, int j) const {
-    const int d = qp - kp;
-    return d <= left && -d <= right && (!DOCS || q_doc[i] == k_doc[j]);
-  }
-  // allowed() for a pair where one side's row lies in the one document spanning `s`
+  // Whether a pair is allowed, where one side's row lies in the one document spanning `s`
   // (s.one: a tile's span, or the row's own from row_span()) and `p` is the other side's
   // position: equal documents means p lies in that span (no document-id loads).
   MASK_FN bool allowed_in(int qp, int kp, DocSpan s, int p) const {
