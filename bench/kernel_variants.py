@@ -8,6 +8,7 @@ each kernel's own time (CUDA events around the backend's launches, median of
 only reorder the schedule must).
 
     python3 bench/kernel_variants.py [--tokens 16384] [--heads 16] [--variants a,b]
+        [--baseline DIR]   # DIR: another commit's mpiring/kernels, timed as variant "baseline"
 
 Prints one table: per variant and case, forward and backward kernel ms and the speedup
 against ``current``.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 import numpy as np
 from mpi4py import MPI
@@ -101,6 +103,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--atomic", action="store_true", help="backward with atomic dQ (deterministic=False)")
+    p.add_argument("--baseline", default="",
+                   help="a folder of kernel sources (another commit's mpiring/kernels), timed as variant 'baseline'")
     p.add_argument("--out", default="")
     args = p.parse_args()
     with kernel_launch_events() as events:
@@ -116,9 +120,13 @@ def _run(args, events) -> None:
     shape = (1, args.tokens, args.heads, 128)
     q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(cupy.float16) for _ in range(4))
     comm, rows, reference = MPI.COMM_SELF, [], {}
-    for name in args.variants.split(","):
+    names = args.variants.split(",") + (["baseline"] if args.baseline else [])
+    for name in names:
         sources = dict(original)
-        for file, old, new in VARIANTS[name]:
+        if name == "baseline":
+            root = Path(args.baseline)
+            sources = {f: (root / f).read_text() for f in original}
+        for file, old, new in VARIANTS.get(name, []):
             if old not in sources[file]:
                 raise SystemExit(f"variant {name}: text not found in {file}: {old!r}")
             sources[file] = sources[file].replace(old, new)
