@@ -92,7 +92,8 @@ def dense_same_precision(q, k, v, dout, dtype, *, q_positions=None, kv_sum=None,
     q, k, v, dout = f(q), f(k), f(v), f(dout)
     group = q.shape[2] // k.shape[2]
     kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scale = mask_options.pop("softmax_scale", None) or 1.0 / np.sqrt(q.shape[3])
+    scale = mask_options.pop("softmax_scale", None)
+    scale = 1.0 / np.sqrt(q.shape[3]) if scale is None else scale  # (0 is a scale, not "unset")
     mask = make_mask(**mask_options)
     pos = np.arange(q.shape[1]) if q_positions is None else np.asarray(q_positions)
     allowed = mask.allowed(pos, np.arange(k.shape[1]))

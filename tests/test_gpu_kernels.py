@@ -287,6 +287,29 @@ def test_public_api_one_gpu(seed, dtype, head_dim, kernel):
         assert_close(name, g.get(), r, dtype, r_lp)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_positive_softmax_scale(seed, dtype, scale):
+    """The forward kernel scales each row's maximum of the unscaled scores, which needs a
+    positive scale: the backend runs a negative one as −q with −scale and zero as zero
+    queries (dQ sign-corrected). Fresh inputs against the float64 oracle, fwd and bwd."""
+    comm = MPI.COMM_SELF
+    q, k, v, dout = random_problem(seed, 1, 333, 4, 2, 64, dtype)
+    opts = {"causal": True, "softmax_scale": scale}
+    out_ref, lse_ref = mpiring.attention_reference(q, k, v, **opts)
+    grads_ref = mpiring.attention_reference_backward(dout, q, k, v, **opts)
+    lowp = dense_same_precision(q, k, v, dout, dtype, **opts)
+    dq_, dk_, dv_, ddo = (cupy.asarray(x) for x in (q, k, v, dout))
+    out, lse = mpiring.ring_attention(dq_, dk_, dv_, comm, **opts)
+    grads = mpiring.ring_attention_backward(ddo, dq_, dk_, dv_, out, lse, comm, **opts)
+    assert_close("out", out.get(), out_ref, dtype, lowp[0])
+    np.testing.assert_allclose(lse.get(), lse_ref, rtol=0, atol=1e-4)
+    for name, g, r, r_lp in zip(("dq", "dk", "dv"), grads, grads_ref, lowp[1:]):
+        assert_close(name, g.get(), r, dtype, r_lp)
+    if scale == 0:
+        assert not cupy.any(grads[0]) and not cupy.any(grads[1])  # the scores do not depend on q or k
+
+
 def test_record_is_an_event_on_the_current_stream():
     be = CudaKernelBackend()
     stream = cupy.cuda.Stream(non_blocking=True)

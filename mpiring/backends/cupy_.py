@@ -170,6 +170,22 @@ def _i32(*xs):
     return tuple(np.int32(x) for x in xs)
 
 
+def _positive_scale(xp, q, scale: float):
+    """``(q', scale', sign)``: the same scores ``q'·k·scale' = q·k·scale`` with scale' > 0,
+    and ``sign`` such that dQ = sign · (the dQ computed with q', scale'). The forward kernel
+    takes each row's maximum of the unscaled scores and scales it, which is the maximum of
+    the scaled scores only for a positive scale. Negative: −q (the sign bit flipped, for
+    float16 and bfloat16 alike); zero: every score is 0, as with zero queries and scale 1
+    (and dQ = 0)."""
+    q = xp.ascontiguousarray(q)
+    if scale > 0:
+        return q, scale, 1
+    bits = q.view(np.uint16)
+    if scale < 0:
+        return (bits ^ np.uint16(0x8000)).view(q.dtype), -scale, -1
+    return xp.zeros_like(bits).view(q.dtype), 1.0, 0
+
+
 @dataclass
 class FwdState:
     q: object  # (B, Sq, H, D) input dtype, contiguous
@@ -195,6 +211,7 @@ class BwdState:
     dq: object  # (B, Sq, H, D) float32, scale applied
     heads_kv: int
     scale: float
+    dq_sign: int = 1  # dQ = dq_sign · dq (a non-positive softmax scale: see _positive_scale)
     dq_sem: object = None  # deterministic dQ: per (B, H, query tile) counters, after one ticket
     q_doc: object = None
     cu: object = None
@@ -264,8 +281,9 @@ class CudaKernelBackend:
         xp = self.xp
         b, s, h, d = q.shape
         single = self.steps == 1
+        q, scale, _ = _positive_scale(xp, q, scale)
         return FwdState(
-            q=xp.ascontiguousarray(q), heads_kv=heads_kv, scale=scale,
+            q=q, heads_kv=heads_kv, scale=scale,
             acc=None if single else xp.empty((b, s, h, d), np.float32),
             m=None if single else xp.empty((b, h, s), np.float32),
             l=None if single else xp.empty((b, h, s), np.float32),
@@ -330,9 +348,10 @@ class CudaKernelBackend:
         # (xp.where makes a new contiguous float32 array.)
         log2_lse = lse.astype(np.float32, copy=False) * np.float32(math.log2(math.e))
         lse2 = xp.where(lse == _NEG_INF, np.float32(1e30), log2_lse)
+        q, scale, sign = _positive_scale(xp, q, scale)
         return BwdState(
-            q=xp.ascontiguousarray(q), dout=dout, lse2=lse2, delta=delta,
-            dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale,
+            q=q, dout=dout, lse2=lse2, delta=delta,
+            dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale, dq_sign=sign,
         )
 
     def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask) -> None:
@@ -364,4 +383,5 @@ class CudaKernelBackend:
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
         """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""
         dtype = st.q.dtype
-        return st.dq.astype(dtype), dkv[0].astype(kv_dtype), dkv[1].astype(kv_dtype)
+        dq = st.dq if st.dq_sign == 1 else st.dq * st.dq_sign
+        return dq.astype(dtype), dkv[0].astype(kv_dtype), dkv[1].astype(kv_dtype)

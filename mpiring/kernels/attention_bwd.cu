@@ -6,6 +6,7 @@
 //   lse2, delta   (B, H, Sq)   fp32    lse·log2(e), +1e30 where lse = −inf (the row had no key: p = 0);
 //                                      delta = rowsum(dout∘out)
 //   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomic adds: many K tiles add to one Q row)
+//   (the kernel keeps dS as scale·dS, so dQ and dK need no multiply of their own)
 //   dq_sem        null, or int32 [1 + B·H·ceil(Sq/BM)], zero: deterministic dQ (below)
 //   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials)
 //
@@ -118,10 +119,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     // per query tile). Padding rows read 0: their Q and dO rows are zero, so P there
     // meets only dO = 0 and dS = P∘(0 − 0) = 0.
     // One copy per thread where the block has enough threads (the tuned shapes): no loop.
+    // (A zero-filled copy keeps its out-of-range address: src-size 0 reads nothing.)
+    const long long row0 = ((long long)b * H + h) * Sq + i0;
     for (int r = threadIdx.x; r < 2 * BM; r += NT) {
-      const int rr = r < BM ? r : r - BM, i = i0 + rr;
-      const long long srow = ((long long)b * H + h) * Sq + min(i, Sq - 1);
-      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);
+      const int rr = r < BM ? r : r - BM;
+      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + row0 + rr, rr < Sq - i0);
       if (2 * BM <= NT) break;
     }
   };
@@ -204,14 +206,16 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
           }
         }
       }
-      // P = 2^(S·scale_log2 − L) (0 where masked), dS = P∘(dP − delta); fragment rows are queries.
+      // P = 2^(S·scale_log2 − L) (0 where masked), dS = scale·P∘(dP − delta) (the scale of dQ
+      // and dK folded in: one multiply-add per element, as the subtraction alone cost);
+      // fragment rows are queries.
       const bool mixed = tile_class(t) == 2;
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
           const int r = m1 + mi * 16 + lane / 4 + 8 * hr, i = min(i0 + r, Sq - 1);
-          const float lr = sLs[r], dr = sDs[r];
+          const float lr = sLs[r], dr = sDs[r] * scale;
           const int qp = mixed ? qs.pos(i) : 0;
 #pragma unroll
           for (int n = 0; n < KW1 / 8; ++n) {
@@ -226,7 +230,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
                 if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), cs, qp)) p = 0.f;
               }
               pe[e] = p;
-              dse[e] = p * (dp[mi][n][2 * hr + e] - dr);
+              dse[e] = p * fmaf(dp[mi][n][2 * hr + e], scale, -dr);
             }
             const int off = r * LP + n1 + n * 8 + 2 * (lane % 4);
             *reinterpret_cast<u32*>(sP + off) = Ops<T>::pack(pe[0], pe[1]);
@@ -264,7 +268,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       }
     }
 
-    {  // Phase 3: dQ (32 queries × DW3 dims per warp) += scale · dS · K, reduced into dq_acc.
+    {  // Phase 3: dQ (32 queries × DW3 dims per warp) += dS · K (dS holds the scale), reduced into dq_acc.
       float dq[2][DW3 / 8][4];
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
@@ -290,16 +294,18 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         if (threadIdx.x == 0) wait_at_least(sem, jt - mask.key_tiles_before(qs, i0, ks, Sk, BN));
         __syncthreads();
       }
+      // One 64-bit address per query tile; rows are 32-bit offsets from it.
+      float* const dq_tile = dq_acc + ((long long)b * Sq + i0) * q_stride + h * D + d3 + 2 * (lane % 4);
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int i = i0 + m3 + mi * 16 + lane / 4 + 8 * hr;
-          if (i >= Sq) continue;
-          float* row = dq_acc + ((long long)b * Sq + i) * q_stride + h * D + d3 + 2 * (lane % 4);
+          const int r = m3 + mi * 16 + lane / 4 + 8 * hr;
+          if (r >= Sq - i0) continue;
+          float* row = dq_tile + r * (int)q_stride;
 #pragma unroll
           for (int n = 0; n < DW3 / 8; ++n)
-            red_add2(row + n * 8, dq[mi][n][2 * hr] * scale, dq[mi][n][2 * hr + 1] * scale);
+            red_add2(row + n * 8, dq[mi][n][2 * hr], dq[mi][n][2 * hr + 1]);
         }
     }
     __syncthreads();  // P, dS and this stage's Q/dO are rewritten next
@@ -322,8 +328,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 #pragma unroll
       for (int n = 0; n < DW2 / 8; ++n) {
         float2 x = *reinterpret_cast<float2*>(rk + n * 8), y = *reinterpret_cast<float2*>(rv + n * 8);
-        x.x += dk[mi][n][2 * hr] * scale;
-        x.y += dk[mi][n][2 * hr + 1] * scale;
+        x.x += dk[mi][n][2 * hr];
+        x.y += dk[mi][n][2 * hr + 1];
         y.x += dv[mi][n][2 * hr];
         y.y += dv[mi][n][2 * hr + 1];
         *reinterpret_cast<float2*>(rk + n * 8) = x;

@@ -153,7 +153,11 @@ __device__ __forceinline__ void attn_fwd_body(
       }
     }
 
-    // Scale into log2 units; mask on global positions where the tile is mixed.
+    // Mask on global positions where the tile is mixed. Scores stay unscaled here: the
+    // scale (> 0, the launcher sees to it) is applied to the row maximum and folded into
+    // the exponent's multiply-add, as FlashAttention does, not multiplied into every score.
+    // A masked score is −inf: it only meets fmaxf and that multiply-add (−inf·scale − shift
+    // with a finite shift), so it gives p = 0 and never NaN.
     const bool mixed = tile_class(t) == 2;
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
@@ -167,12 +171,9 @@ __device__ __forceinline__ void attn_fwd_body(
         for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            float& x = s[mi][n][2 * hr + e];
-            x *= scale_log2;
-            if (mixed) {
-              const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
-              if (j >= Sk || !mask.allowed_in(qp, ks.pos(j), rs, ks.pos(j))) x = MASKED;
-            }
+            const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
+            if (mixed && (j >= Sk || !mask.allowed_in(qp, ks.pos(j), rs, ks.pos(j))))
+              s[mi][n][2 * hr + e] = -__int_as_float(0x7f800000);
           }
       }
 
@@ -182,11 +183,12 @@ __device__ __forceinline__ void attn_fwd_body(
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
       for (int hr = 0; hr < 2; ++hr) {
-        float mx = m_r[mi][hr];
+        float mx = s[mi][0][2 * hr];  // the tile's row maximum, unscaled
 #pragma unroll
         for (int n = 0; n < BN / 8; ++n) mx = fmaxf(mx, fmaxf(s[mi][n][2 * hr], s[mi][n][2 * hr + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(m_r[mi][hr], mx * scale_log2);
         // A row with no allowed key so far keeps max = MASKED: shift by 0 so that its p = 2^MASKED = 0.
         const float shift = mx == MASKED ? 0.f : mx;
         const float alpha = ex2(m_r[mi][hr] - shift);
@@ -196,7 +198,7 @@ __device__ __forceinline__ void attn_fwd_body(
         for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = ex2(s[mi][n][2 * hr + e] - shift);
+            const float p = ex2(fmaf(s[mi][n][2 * hr + e], scale_log2, -shift));
             s[mi][n][2 * hr + e] = p;
             sum += p;
           }

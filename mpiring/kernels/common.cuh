@@ -102,6 +102,10 @@ __device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid)
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
                "r"(valid ? 16 : 0));
 }
+// The same to a shared-window byte address (no 64-bit generic address per copy).
+__device__ __forceinline__ void cp_async16(u32 dst, const u16* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
 // 4-byte asynchronous global -> shared copy of one float; `valid == false` writes 0 (no read).
 __device__ __forceinline__ void cp_async4(float* dst, const float* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0));
@@ -127,9 +131,16 @@ template <int D> struct Pitch { static const int value = D + 8; };
 
 // Copy `ROWS` rows of D elements (row `row0 + r` at g + (row0 + r)·stride) into s
 // (pitch D + 8); rows at or past `nrows` are zero-filled so that they never make NaN.
+// Addresses: one 64-bit pointer to the tile's first row, then 32-bit element offsets
+// (r·stride < ROWS·stride stays far below 2^31) joined to it by one wide multiply-add per
+// copy. A zero-filled copy keeps its out-of-range address: with src-size 0, cp.async reads
+// nothing (CUTLASS's zfill copies do the same), which saves a 64-bit select per copy.
 template <int ROWS, int D, int NT>
 __device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride, int row0, int nrows) {
   const int C = D / 8;
+  const u16* base = g + row0 * stride;
+  const u32 sa = smem_addr(s);
+  const int left = nrows - row0, st = (int)stride;
 #pragma unroll
   for (int k = 0; k < (ROWS * C + NT - 1) / NT; ++k) {
     const int idx = threadIdx.x + k * NT;
@@ -139,8 +150,7 @@ __device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride
       // forward spilled those).
       const int r = NT % C == 0 ? (int)threadIdx.x / C + k * (NT / C) : idx / C;
       const int c = NT % C == 0 ? (int)threadIdx.x % C : idx % C;
-      const bool ok = row0 + r < nrows;
-      cp_async16(s + r * (D + 8) + c * 8, ok ? g + (row0 + r) * stride + c * 8 : g, ok);
+      cp_async16(sa + 2 * (r * (D + 8) + c * 8), base + (r * st + c * 8), r < left);
     }
   }
 }
