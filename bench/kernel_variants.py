@@ -36,8 +36,8 @@ from mpiring.bench.common import (
     write_rows,
 )
 
-_P1 = "#pragma unroll 1\n      for (int kk = 0; kk < D / 16; ++kk) {\n        u32 aq[2][4]"
-_P3 = "#pragma unroll 1\n      for (int kk = 0; kk < BN / 16; ++kk) {"
+_P1 = "#pragma unroll\n      for (int kk = 0; kk < D / 16; ++kk) {\n        u32 aq[2][4]"
+_P3 = "#pragma unroll\n      for (int kk = 0; kk < BN / 16; ++kk) {"
 _FWD_MAP = """  const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
   // Query tiles along y, continued along z past the grid's y limit (65535).
   const int nqt = (Sq + BM - 1) / BM, tile = blockIdx.z * gridDim.y + blockIdx.y;
@@ -77,12 +77,12 @@ _ROWS_PLAIN = """      (r < BM ? sL : sD)[st * BM + rr] = i < Sq ? (r < BM ? lse
 
 VARIANTS = {
     "current": [],
-    # backward phase 1 (S, dP) k-loop unrolled: ldmatrix of step kk+1 can issue under kk's MMAs
-    "bwd-p1-unrolled": [("attention_bwd.cu", _P1, _P1.replace("unroll 1", "unroll"))],
-    # backward phase 3 (dQ) k-loop unrolled
-    "bwd-p3-unrolled": [("attention_bwd.cu", _P3, _P3.replace("unroll 1", "unroll"))],
-    "bwd-both-unrolled": [("attention_bwd.cu", _P1, _P1.replace("unroll 1", "unroll")),
-                          ("attention_bwd.cu", _P3, _P3.replace("unroll 1", "unroll"))],
+    # backward k-loops of phases 1 (S, dP) and 3 (dQ) not unrolled (the kernels before 2026-11-26's fifth session)
+    "bwd-unroll1": [("attention_bwd.cu", _P1, _P1.replace("unroll", "unroll 1")),
+                    ("attention_bwd.cu", _P3, _P3.replace("unroll", "unroll 1"))],
+    # the same loops unrolled by two
+    "bwd-unroll2": [("attention_bwd.cu", _P1, _P1.replace("unroll", "unroll 2")),
+                    ("attention_bwd.cu", _P3, _P3.replace("unroll", "unroll 2"))],
     # forward: query tiles fastest, heads slowest (FLASH's grid order: the blocks side by
     # side share one head's K/V in L2); the current grid has heads fastest
     "fwd-tiles-fastest": [("attention_fwd.cu", _FWD_MAP, _FWD_TILES_FASTEST)],

@@ -86,8 +86,8 @@ def test_kernel_applies(dtype, head_dim, mask, seqlen, expected):
     assert cupy_.kernel_applies(dtype, head_dim, mask, seqlen) is expected
 
 
-def _spilled(lib, kernel_file: str, head_dim: int, tiles=None) -> list[str]:
-    """Entry points that ptxas (through NVRTC, sm_90) spills to local memory."""
+def _spilled(lib, kernel_file: str, head_dim: int, tiles=None) -> dict[str, int]:
+    """Entry points that ptxas (through NVRTC, sm_90) spills to local memory: name → bytes stored."""
     sources = cupy_.kernel_sources()
     code = cupy_._inline_header(sources[kernel_file], sources)
     options = [*cupy_.compile_options(kernel_file, head_dim, tiles), "--gpu-architecture=sm_90", "--ptxas-options=-v"]
@@ -95,18 +95,26 @@ def _spilled(lib, kernel_file: str, head_dim: int, tiles=None) -> list[str]:
     assert rc == 0, log
     props = re.findall(r"Function properties for (\w+)\n.*?(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert sum(name.startswith("attn_") for name, _, _ in props) >= 2, log
-    return [name for name, st, ld in props if int(st) or int(ld)]
+    return {name: max(int(st), int(ld)) for name, st, ld in props if int(st) or int(ld)}
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("kernel_file", cupy_.KERNEL_FILES)
 def test_no_register_spills(nvrtc, kernel_file, head_dim):
     """The fast head dims' kernels stay in registers: a change that makes them spill to
-    local memory fails here (CI, no GPU), not only in a GPU bench."""
-    assert _spilled(nvrtc, kernel_file, head_dim) == []
+    local memory fails here (CI, no GPU), not only in a GPU bench. One exception, within a
+    budget: the head-dim-128 forward with 64-key tiles keeps a few words of its softmax
+    state in local memory (24 B with the GPU image's NVRTC, 52–96 B with NVRTC 13; it measured
+    faster than 32-key tiles without spills: bench/KERNEL_NOTES.md)."""
+    budget = SPILL_BUDGET.get((kernel_file, head_dim), 0)
+    assert {name: b for name, b in _spilled(nvrtc, kernel_file, head_dim).items() if b > budget} == {}
+
+
+SPILL_BUDGET = {("attention_fwd.cu", 128): 128}  # bytes per entry point
 
 
 def test_spill_check_can_fail(nvrtc):
-    """The forward at head dim 128 with 64-key tiles spills (KERNEL_NOTES.md): it is seen."""
-    tiles = {128: {**cupy_.TILES[128], "fwd": (4, 2, 64)}}
-    assert _spilled(nvrtc, "attention_fwd.cu", 128, tiles)
+    """The forward at head dim 128 with four 16-row blocks per warp (a 64-row × 128
+    accumulator per warp) spills far past the budget: it is seen."""
+    tiles = {128: {**cupy_.TILES[128], "fwd": (4, 4, 32)}}
+    assert min(_spilled(nvrtc, "attention_fwd.cu", 128, tiles).values()) > SPILL_BUDGET[("attention_fwd.cu", 128)]

@@ -53,7 +53,7 @@ TILES = {
     32: {"fwd": (4, 2, 64), "bwd": (4, 64, 64)},
     64: {"fwd": (4, 2, 64), "bwd": (8, 64, 128)},
     96: {"fwd": (4, 2, 32), "bwd": (4, 64, 64)},
-    128: {"fwd": (4, 2, 32), "bwd": (8, 64, 128)},
+    128: {"fwd": (4, 2, 64), "bwd": (8, 64, 128)},
 }
 NO_BOUND = 1 << 30  # kernels' "unbounded" window side; positions must stay below 2**29
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (tests lower it to exercise the z split)

@@ -184,7 +184,9 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         for (int n = 0; n < KW1 / 8; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mi][n][e] = dp[mi][n][e] = 0.f;
-#pragma unroll 1
+// Unrolled (since the addressing and scale changes of this branch, without spills): the
+      // ldmatrix of step kk + 1 issue under step kk's MMAs, and no loop counter or address math.
+#pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         u32 aq[2][4], ao[2][4];
 #pragma unroll
@@ -274,7 +276,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int n = 0; n < DW3 / 8; ++n) dq[mi][n][0] = dq[mi][n][1] = dq[mi][n][2] = dq[mi][n][3] = 0.f;
-#pragma unroll 1
+#pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
         u32 a[2][4];
 #pragma unroll
