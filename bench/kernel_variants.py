@@ -72,6 +72,11 @@ def _ticket_groups(heads: int) -> str:
 """
 
 
+_WAIT_WARP = """        const int target = sTarget[stage];
+        if (lane == 0 && seen < target) wait_at_least(sem, target);
+        __syncwarp();"""
+_WAIT_BLOCK = """        if (threadIdx.x == 0) wait_at_least(sem, sTarget[stage]);
+        __syncthreads();"""
 _ROWS_ASYNC = """      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);"""
 _ROWS_PLAIN = """      (r < BM ? sL : sD)[st * BM + rr] = i < Sq ? (r < BM ? lse2 : delta)[srow] : 0.f;"""
 
@@ -83,6 +88,9 @@ VARIANTS = {
     # the same loops unrolled by two
     "bwd-unroll2": [("attention_bwd.cu", _P1, _P1.replace("unroll", "unroll 2")),
                     ("attention_bwd.cu", _P3, _P3.replace("unroll", "unroll 2"))],
+    # backward, deterministic dQ: thread 0 reads the counter at the wait and the block waits
+    # at a barrier (before the per-warp early read of 2026-11-26's fifth session)
+    "bwd-block-wait": [("attention_bwd.cu", _WAIT_WARP, _WAIT_BLOCK)],
     # forward: query tiles fastest, heads slowest (FLASH's grid order: the blocks side by
     # side share one head's K/V in L2); the current grid has heads fastest
     "fwd-tiles-fastest": [("attention_fwd.cu", _FWD_MAP, _FWD_TILES_FASTEST)],

@@ -109,8 +109,12 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         if (tile_class(t) != 0) return make_int2(g, t);
     return make_int2(G, 0);
   };
+  // Deterministic dQ: the counter value each query tile waits for, per stage (thread 0
+  // computes it with the tile's prefetch, off the path to the wait).
+  __shared__ int sTarget[2];
   auto prefetch = [&](int2 w, int st) {
     const int h = hk * G + w.x, i0 = w.y * BM;
+    if (dq_sem != 0 && threadIdx.x == 0) sTarget[st] = jt - mask.key_tiles_before(qs, i0, ks, Sk, BN);
     const long long off = ((long long)b * Sq * H + h) * D;
     load_rows<BM, D, NT>(sQ + st * BM * LD, q + off, q_stride, i0, Sq);
     load_rows<BM, D, NT>(sdO + st * BM * LD, dout + off, q_stride, i0, Sq);
@@ -245,6 +249,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     // landed, so the fence before the raise does not stall the block.
     if (added != 0 && threadIdx.x == 0) release_add(added);
     added = 0;
+    // Each warp reads its query tile's counter now, a phase before it needs it: by then the
+    // key tile before ours (one query tile ahead) has usually raised it, and the load's
+    // latency hides under phase 2 instead of stalling the block at the wait.
+    int seen = 0;
+    if (sem != 0 && lane == 0) seen = ld_acquire(sem);
 
     // Phase 2: dV += Pᵀ·dO, dK += dSᵀ·Q over the BM queries.
 #pragma unroll
@@ -293,8 +302,10 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
       }
       if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
-        if (threadIdx.x == 0) wait_at_least(sem, jt - mask.key_tiles_before(qs, i0, ks, Sk, BN));
-        __syncthreads();
+        // Per warp (lane 0 acquires, __syncwarp orders the warp's adds after it): no block barrier.
+        const int target = sTarget[stage];
+        if (lane == 0 && seen < target) wait_at_least(sem, target);
+        __syncwarp();
       }
       // One 64-bit address per query tile; rows are 32-bit offsets from it.
       float* const dq_tile = dq_acc + ((long long)b * Sq + i0) * q_stride + h * D + d3 + 2 * (lane % 4);
