@@ -76,14 +76,17 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
       const bool ok = d <= left && -d <= right && (!DOCS || q.doc[i] == k.doc[j]);
       any[i / BM * nkt + j / BN] |= ok;
       all[i / BM * nkt + j / BN] &= ok;
-      // The element masks of mixed tiles: the forward's (its query tile's span, or the
-      // row's own where the tile spans documents; key position) and the backward's (key
-      // tile's span or the key's own; query position).
+      // The element masks of mixed tiles, one interval per row: the forward's (the key
+      // positions of the row's window within its document: its query tile's span, or the
+      // row's own where the tile spans documents) and the backward's (the query positions
+      // of the key's window within its document, by the key tile's span or the key's own).
       const DocSpan fs = qspan[i / BM].one ? qspan[i / BM] : mask.row_span(mask.q_doc, i);
       const DocSpan bs = kspan[j / BN].one ? kspan[j / BN] : mask.row_span(mask.k_doc, j);
-      if (mask.allowed_in(q.pos[i], k.pos[j], fs, k.pos[j]) != ok)
-        fail("forward element mask differs from brute force", id, i / BM, j / BN);
-      if (mask.allowed_in(q.pos[i], k.pos[j], bs, q.pos[i]) != ok)
+      int lo, hi;
+      mask.keys_window(q.pos[i], q.pos[i], fs, lo, hi);
+      if ((lo <= k.pos[j] && k.pos[j] <= hi) != ok) fail("forward element mask differs from brute force", id, i / BM, j / BN);
+      mask.queries_window(k.pos[j], k.pos[j], bs, lo, hi);
+      if ((lo <= q.pos[i] && q.pos[i] <= hi) != ok)
         fail("backward element mask differs from brute force", id, i / BM, j / BN);
     }
   // The class of a tile pair as each kernel computes it: the forward from its query

@@ -103,18 +103,18 @@ def _spilled(lib, kernel_file: str, head_dim: int, tiles=None) -> dict[str, int]
 def test_no_register_spills(nvrtc, kernel_file, head_dim):
     """The fast head dims' kernels stay in registers: a change that makes them spill to
     local memory fails here (CI, no GPU), not only in a GPU bench. One exception, within a
-    budget: the head-dim-128 forward with 64-key tiles keeps a few words of its softmax
-    state in local memory (24 B with the GPU image's NVRTC, 52–96 B with NVRTC 13; it measured
-    faster than 32-key tiles without spills: bench/KERNEL_NOTES.md)."""
+    budget: the head-dim-128 backward's document variant keeps one 8-byte value in local
+    memory (48 B with NVRTC 13: two reloads per query tile, in the tile's set-up, none in
+    the MMA phases; bench/KERNEL_NOTES.md)."""
     budget = SPILL_BUDGET.get((kernel_file, head_dim), 0)
     assert {name: b for name, b in _spilled(nvrtc, kernel_file, head_dim).items() if b > budget} == {}
 
 
-SPILL_BUDGET = {("attention_fwd.cu", 128): 128}  # bytes per entry point
+SPILL_BUDGET = {("attention_bwd.cu", 128): 64}  # bytes per entry point
 
 
 def test_spill_check_can_fail(nvrtc):
     """The forward at head dim 128 with four 16-row blocks per warp (a 64-row × 128
     accumulator per warp) spills far past the budget: it is seen."""
     tiles = {128: {**cupy_.TILES[128], "fwd": (4, 4, 32)}}
-    assert min(_spilled(nvrtc, "attention_fwd.cu", 128, tiles).values()) > SPILL_BUDGET[("attention_fwd.cu", 128)]
+    assert min(_spilled(nvrtc, "attention_fwd.cu", 128, tiles).values()) > max(SPILL_BUDGET.values())

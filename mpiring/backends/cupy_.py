@@ -306,8 +306,8 @@ class CudaKernelBackend:
         null = np.uint64(0)
         acc, m, l = (null, null, null) if st.acc is None else (st.acc, st.m, st.l)
         docs = self._docs(st, mask, q_segs, k_segs)
-        # Q; K, V double-buffered; with documents each query row's document span (int2).
-        smem = (bm + 4 * bn) * (d + 8) * 2 + (0 if docs[0] is None else 8 * bm)
+        # Q; K, V double-buffered; each query row's allowed key positions (int2).
+        smem = (bm + 4 * bn) * (d + 8) * 2 + 8 * bm
         args = (
             (st.q, kv, acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))
@@ -362,10 +362,9 @@ class CudaKernelBackend:
             return
         nw, bm, bn = self._tiles(d)["bwd"]
         docs = self._docs(st, mask, q_segs, k_segs)
-        # K, V; Q, dO double-buffered; P, dS; lse and delta double-buffered; with documents
-        # each key's document span (int2).
-        smem = ((2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4
-                + (0 if docs[0] is None else 8 * bn))
+        # K, V; Q, dO double-buffered; P, dS; lse and delta double-buffered; each key's
+        # allowed query positions (int2).
+        smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4 + 8 * bn
         sem = np.uint64(0)
         if self.deterministic:
             if st.dq_sem is None:

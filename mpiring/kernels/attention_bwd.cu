@@ -60,7 +60,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   u16* sdS = sP + BM * LP;       // [BM][LP]: dS
   float* sL = reinterpret_cast<float*>(sdS + BM * LP);  // [2][BM]: lse2
   float* sD = sL + 2 * BM;                             // [2][BM]: delta
-  int2* sSpan = reinterpret_cast<int2*>(sD + 2 * BM);  // DOCS: [BN] each key's document span
+  int2* sCol = reinterpret_cast<int2*>(sD + 2 * BM);  // [BN] the query positions each key may meet
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int bx = blockIdx.x, jt = blockIdx.z * gridDim.y + blockIdx.y;  // key tiles along y, then z
@@ -134,11 +134,16 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
   int2 w = next_work(0, t_end - 1);
   if (w.x >= G) return;  // dK/dV of this block get nothing from this step
-  if (DOCS && !kspan.one)  // keys of several documents: each key's own span (read after a barrier)
-    for (int c = threadIdx.x; c < BN; c += NT) {
-      const DocSpan rs = mask.row_span(mask.k_doc, min(j0 + c, Sk - 1));
-      sSpan[c] = make_int2(rs.a, rs.b);
-    }
+  // Each key's allowed query positions, one interval [lo, hi] (its window within its
+  // document; empty for the ragged tile's padding; read after a barrier): a mixed tile's
+  // element mask is then lo ≤ qpos ≤ hi.
+  for (int c = threadIdx.x; c < BN; c += NT) {
+    const int j = min(j0 + c, Sk - 1), p = ks.pos(j);
+    const DocSpan cs = DOCS && !kspan.one ? mask.row_span(mask.k_doc, j) : kspan;
+    int lo, hi;
+    mask.queries_window(p, p, cs, lo, hi);
+    sCol[c] = j0 + c < Sk ? make_int2(lo, hi) : make_int2(1, 0);
+  }
   load_rows<BN, D, NT>(sK, gk, k_stride, j0, Sk);
   load_rows<BN, D, NT>(sV, gv, k_stride, j0, Sk);
   prefetch(w, 0);
@@ -212,29 +217,40 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
           }
         }
       }
-      // P = 2^(S·scale_log2 − L) (0 where masked), dS = scale·P∘(dP − delta) (the scale of dQ
+      // P = 2^(S·scale_log2 − L) (0 where masked: S = −inf), dS = scale·P∘(dP − delta) (the scale of dQ
       // and dK folded in: one multiply-add per element, as the subtraction alone cost);
       // fragment rows are queries.
       const bool mixed = tile_class(t) == 2;
+      if (mixed) {  // masked scores → −inf (scale_log2 > 0: the launcher sees to it), so p = 0
+        int qp[2][2];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+          for (int hr = 0; hr < 2; ++hr) qp[mi][hr] = qs.pos(min(i0 + m1 + mi * 16 + lane / 4 + 8 * hr, Sq - 1));
+#pragma unroll
+        for (int n = 0; n < KW1 / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int2 w = sCol[n1 + n * 8 + 2 * (lane % 4) + e];  // one load per key column
+#pragma unroll
+            for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+              for (int hr = 0; hr < 2; ++hr)
+                if (qp[mi][hr] < w.x || qp[mi][hr] > w.y) s[mi][n][2 * hr + e] = -__int_as_float(0x7f800000);
+          }
+      }
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int r = m1 + mi * 16 + lane / 4 + 8 * hr, i = min(i0 + r, Sq - 1);
+          const int r = m1 + mi * 16 + lane / 4 + 8 * hr;
           const float lr = sLs[r], dr = sDs[r] * scale;
-          const int qp = mixed ? qs.pos(i) : 0;
 #pragma unroll
           for (int n = 0; n < KW1 / 8; ++n) {
             float pe[2], dse[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              float p = ex2(s[mi][n][2 * hr + e] * scale_log2 - lr);
-              if (mixed) {
-                const int c = n1 + n * 8 + 2 * (lane % 4) + e, j = j0 + c;
-                DocSpan cs = kspan;  // the documents this key's queries must lie in
-                if (DOCS && !kspan.one) cs = one_span(sSpan[c]);
-                if (j >= Sk || !mask.allowed_in(qp, ks.pos(min(j, Sk - 1)), cs, qp)) p = 0.f;
-              }
+              const float p = ex2(s[mi][n][2 * hr + e] * scale_log2 - lr);
               pe[e] = p;
               dse[e] = p * fmaf(dp[mi][n][2 * hr + e], scale, -dr);
             }

@@ -41,7 +41,7 @@ __device__ __forceinline__ void attn_fwd_body(
   u16* sQ = reinterpret_cast<u16*>(smem_u4);
   u16* sK = sQ + BM * LD;  // [2][BN][LD]
   u16* sV = sK + 2 * BN * LD;
-  int2* sSpan = reinterpret_cast<int2*>(sV + 2 * BN * LD);  // DOCS: [BM] each row's document span
+  int2* sRow = reinterpret_cast<int2*>(sV + 2 * BN * LD);  // [BM] each row's allowed key positions
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
@@ -103,10 +103,15 @@ __device__ __forceinline__ void attn_fwd_body(
       }
     }
 
-  if (DOCS && !qspan.one && t < nkt)  // rows of several documents: each row's own span (read after a barrier)
+  // Each row's allowed key positions, one interval [lo, hi] (its window within its
+  // document; read after a barrier): a mixed tile's element mask is then lo ≤ kpos ≤ hi.
+  if (t < nkt)
     for (int r = threadIdx.x; r < BM; r += NT) {
-      const DocSpan rs = mask.row_span(mask.q_doc, min(i0 + r, Sq - 1));
-      sSpan[r] = make_int2(rs.a, rs.b);
+      const int i = min(i0 + r, Sq - 1), p = qs.pos(i);
+      const DocSpan rs = DOCS && !qspan.one ? mask.row_span(mask.q_doc, i) : qspan;
+      int lo, hi;
+      mask.keys_window(p, p, rs, lo, hi);
+      sRow[r] = make_int2(lo, hi);
     }
   if (t < nkt) {
     load_rows<BM, D, NT>(sQ, gq, q_stride, i0, Sq);
@@ -159,23 +164,33 @@ __device__ __forceinline__ void attn_fwd_body(
     // A masked score is −inf: it only meets fmaxf and that multiply-add (−inf·scale − shift
     // with a finite shift), so it gives p = 0 and never NaN.
     const bool mixed = tile_class(t) == 2;
+    if (mixed) {
+      // This thread's key columns are c0 + n·8 + e. Inside one segment (not the ragged last
+      // tile) their positions are kb + kst·(n·8 + e): one multiply-add and two compares per
+      // element; otherwise (a tile across the zigzag seam, the ragged tile) the generic form.
+      const int c0 = t * BN + 2 * (lane % 4), j1 = t * BN + BN;
+      const bool seg1 = t * BN >= ks.len0, one_seg = (seg1 || j1 <= ks.len0) && j1 <= Sk;
+      const int kst = seg1 ? ks.stride1 : ks.stride0, kb = ks.pos(c0);
+      auto mask_elements = [&](const bool affine) {  // called with a constant: two specialised copies
 #pragma unroll
-    for (int mi = 0; mi < MI; ++mi)
+        for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
-      for (int hr = 0; hr < 2; ++hr) {
-        const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
-        const int qp = mixed ? qs.pos(min(i, Sq - 1)) : 0;
-        DocSpan rs = qspan;  // the documents this row's keys must lie in
-        if (DOCS && mixed && !qspan.one) rs = one_span(sSpan[i - i0]);
+          for (int hr = 0; hr < 2; ++hr) {
+            const int2 w = sRow[row_base + mi * 16 + lane / 4 + 8 * hr];
 #pragma unroll
-        for (int n = 0; n < BN / 8; ++n)
+            for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = t * BN + n * 8 + 2 * (lane % 4) + e;
-            if (mixed && (j >= Sk || !mask.allowed_in(qp, ks.pos(j), rs, ks.pos(j))))
-              s[mi][n][2 * hr + e] = -__int_as_float(0x7f800000);
+              for (int e = 0; e < 2; ++e) {
+                const int c = n * 8 + e, kp = affine ? kb + kst * c : ks.pos(c0 + c);
+                if (kp < w.x || kp > w.y || (!affine && c0 + c >= Sk)) s[mi][n][2 * hr + e] = -__int_as_float(0x7f800000);
+              }
           }
-      }
+      };
+      if (one_seg)
+        mask_elements(true);
+      else
+        mask_elements(false);
+    }
 
     // Online softmax: new running max, rescale the accumulators, P = 2^(S − max).
     float alphas[MI][2];

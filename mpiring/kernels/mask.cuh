@@ -63,11 +63,6 @@ struct DocSpan {
   bool one;
 };
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-// A one-document span kept in shared memory as (a, b).
-__device__ __forceinline__ DocSpan one_span(int2 ab) { return {ab.x, ab.y, true}; }
-#endif
-
 // The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
 // causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
 // positions) are the document ids of packed sequences and `cu` their global boundaries
@@ -99,17 +94,8 @@ struct MaskInfo {
   const int* q_doc;
   const int* k_doc;
   const int* cu;
-  // Whether a pair is allowed, where one side's row lies in the one document spanning `s`
-  // (s.one: a tile's span, or the row's own from row_span()) and `p` is the other side's
-  // position: equal documents means p lies in that span (no document-id loads).
-  MASK_FN bool allowed_in(int qp, int kp, DocSpan s, int p) const {
-    const int d = qp - kp;
-    if (d > left || -d > right) return false;
-    return !DOCS || (p >= s.a && p < s.b);
-  }
   // The span of the document of row i of one side (`doc`: q_doc or k_doc): the kernels
-  // keep it per row of a block whose rows span several documents, so that the element
-  // masks of its mixed tiles are allowed_in() with a one-document span (no loads).
+  // take it for each row of a block whose rows span several documents.
   MASK_FN DocSpan row_span(const int* doc, int i) const {
     if (!DOCS) return {0, 0, true};
     const int d = doc[i];
@@ -140,6 +126,9 @@ struct MaskInfo {
       hi = min(hi, s.b - 1);
     }
   }
+  // Element masks: with qlo = qhi (one query row, s its document's span) this is exactly
+  // the key positions that row may meet; the forward keeps it per row, the backward the
+  // queries_window of each key, so a mixed tile's element test is two compares.
   // Key positions that query rows (positions qlo..qhi, documents spanning s) may see.
   MASK_FN void keys_window(int qlo, int qhi, DocSpan s, int& lo, int& hi) const {
     window(qlo, qhi, s, left, right, lo, hi);
