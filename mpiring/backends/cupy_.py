@@ -139,6 +139,21 @@ def _increasing(segs: tuple[Segment, ...]) -> bool:
     return all(s.stride > 0 for s in segs) and all(a.last < b.start for a, b in zip(segs, segs[1:]))
 
 
+@functools.lru_cache(maxsize=16)
+def _device_cu(device_id: int, cu_int64: bytes):
+    """``cu_seqlens`` (given as int64 bytes) as an int32 array on device ``device_id``, made
+    once per content and kept (a few bytes per document, 16 packings at most). A copy from
+    pageable host memory waits for all the work queued on the stream before it, so calls
+    back to back would each wait for the previous one's kernels (and expose their host
+    work). Synchronised once when made, so any stream may read it after."""
+    import cupy
+
+    with cupy.cuda.Device(device_id):
+        cu = cupy.asarray(np.frombuffer(cu_int64, dtype=np.int64).astype(np.int32))
+        cupy.cuda.get_current_stream().synchronize()
+    return cu
+
+
 def _documents(xp, cu, segs: tuple[Segment, ...]):
     """Document id (int32, on the current device) of each local row of ``segs``;
     ``cu``: the boundaries (cu_seqlens) on that device."""
@@ -244,7 +259,8 @@ class CudaKernelBackend:
         if mask.cu_seqlens is None:
             return None, None, None
         if st.q_doc is None:
-            st.cu = self.xp.asarray(mask.cu_seqlens, dtype=np.int32)
+            key = np.ascontiguousarray(mask.cu_seqlens, dtype=np.int64).tobytes()
+            st.cu = _device_cu(self.xp.cuda.Device().id, key)
             st.q_doc = _documents(self.xp, st.cu, q_segs)
         return st.q_doc, _documents(self.xp, st.cu, k_segs), st.cu
 
