@@ -11,7 +11,7 @@
 #   PARTS: which parts run (default "tests sanitizers bench varlen max-context"), e.g. to
 #   spread them over the GPUs of one machine, one CUDA_VISIBLE_DEVICES and $OUT each.
 #   Opt-in parts: "probe" (bench/varlen_probe.py: wall vs kernel time with documents) and
-#   "tiles" (the kernel bench at bf16 d128 16k with TILES_AB, default the 64-key forward,
+#   "tiles" (the kernel bench at bf16 d128 16k with TILES_AB, default the 32-key forward,
 #   beside the default tiles in the same job).
 set -o pipefail
 . bench/gpu_setup.sh || exit 1
@@ -45,7 +45,7 @@ part probe && run probe timeout 150 python3 bench/varlen_probe.py --out "$OUT/va
 part tiles && run tiles-default timeout 90 python3 -m mpiring.bench kernel --dtypes bf16 --head-dims 128 \
     --seqlens 16384 --out "$OUT/kernel-tiles-default.json"
 part tiles && run tiles-ab timeout 90 python3 -m mpiring.bench kernel --dtypes bf16 --head-dims 128 --seqlens 16384 \
-    --tiles "${TILES_AB:-128:fwd=4,2,64;bwd=8,64,128}" --out "$OUT/kernel-tiles-ab.json"
+    --tiles "${TILES_AB:-128:fwd=4,2,32;bwd=8,64,128}" --out "$OUT/kernel-tiles-ab.json"
 part max-context && run max-context timeout 240 python3 -m mpiring.bench longctx --max-context \
     --out "$OUT/max-context-1gpu.json"
 result_table
