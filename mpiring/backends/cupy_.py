@@ -51,7 +51,7 @@ KERNEL_DTYPES = {np.dtype(np.float16): "f16", np.dtype(bfloat16): "bf16"}
 #   tiles of the three phases (see attention_bwd.cu), which must split evenly.
 TILES = {
     32: {"fwd": (4, 2, 64), "bwd": (4, 64, 64)},
-    64: {"fwd": (4, 2, 64), "bwd": (8, 64, 128)},
+    64: {"fwd": (4, 2, 64), "bwd": (8, 128, 128)},
     96: {"fwd": (4, 2, 32), "bwd": (4, 64, 64)},
     128: {"fwd": (4, 2, 64), "bwd": (8, 64, 128)},
 }
