@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 import mpiring
 from mpiring.bench.common import kernel_launch_events, kernel_ms
+from mpiring.bench.longctx import _documents  # the longctx bench's random documents
 
 comm = MPI.COMM_SELF
 S, H, D = 65536, 8, 128
@@ -25,12 +26,7 @@ rng = cupy.random.default_rng(0)
 q, k, v, do = (rng.standard_normal((1, S, H, D), dtype=np.float32).astype(bfloat16) for _ in range(4))
 
 
-def docs(n):
-    r = np.random.default_rng(0)
-    return np.concatenate([[0], np.sort(r.choice(np.arange(1, S), size=n - 1, replace=False)), [S]])
-
-
-for name, cu in (("fixed", None), ("8 docs", docs(8)), ("64 docs", docs(64))):
+for name, cu in (("fixed", None), ("8 docs", _documents(S, 8)), ("64 docs", _documents(S, 64))):
     opts = dict(causal=True, layout="zigzag", cu_seqlens=cu)
     f = lambda opts=opts: mpiring.ring_attention(q, k, v, comm, **opts)  # noqa: E731
     out, lse = f()

@@ -193,7 +193,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         for (int n = 0; n < KW1 / 8; ++n)
 #pragma unroll
           for (int e = 0; e < 4; ++e) s[mi][n][e] = dp[mi][n][e] = 0.f;
-// Unrolled (since the addressing and scale changes of this branch, without spills): the
+      // Unrolled (no spills since the fifth session's addressing and scale changes): the
       // ldmatrix of step kk + 1 issue under step kk's MMAs, and no loop counter or address math.
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {

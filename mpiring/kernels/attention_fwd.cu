@@ -204,7 +204,7 @@ __device__ __forceinline__ void attn_fwd_body(
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         mx = fmaxf(m_r[mi][hr], mx * scale_log2);
-        // A row with no allowed key so far keeps max = MASKED: shift by 0 so that its p = 2^MASKED = 0.
+        // A row with no allowed key so far keeps max = MASKED: shift by 0 so that its p = 2^(−inf) = 0.
         const float shift = mx == MASKED ? 0.f : mx;
         const float alpha = ex2(m_r[mi][hr] - shift);
         m_r[mi][hr] = mx;

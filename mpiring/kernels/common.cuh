@@ -97,12 +97,8 @@ template <int LD> __device__ __forceinline__ int lds_bt(int lane) {
   return (((lane >> 3) & 1) * 8 + (lane & 7)) * LD + (lane >> 4) * 8;
 }
 
-// 16-byte asynchronous global -> shared copy; `valid == false` writes zeros (no read).
-__device__ __forceinline__ void cp_async16(u16* dst, const u16* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-// The same to a shared-window byte address (no 64-bit generic address per copy).
+// 16-byte asynchronous global -> shared copy to a shared-window byte address (no 64-bit
+// generic address per copy); `valid == false` writes zeros (no read).
 __device__ __forceinline__ void cp_async16(u32 dst, const u16* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
