@@ -64,12 +64,18 @@ void fail(const char* what, int seed_case, int tq, int tk) {
 template <bool DOCS>
 long long run_case(int id, const Side& q, const Side& k, int left, int right, int BM, int BN,
                    const std::vector<int>& cu) {
-  const MaskInfo<DOCS> mask = {left, right, q.doc.data(), k.doc.data(), cu.data()};
+  const MaskInfo<DOCS> mask = {left, right, cu.data(), (int)cu.size()};
   const int nqt = (q.n + BM - 1) / BM, nkt = (k.n + BN - 1) / BN;
   std::vector<char> any(nqt * nkt, 0), all(nqt * nkt, 1);
   std::vector<DocSpan> qspan, kspan;  // each tile's document span, as the kernels take it
-  for (int t = 0; t < nqt; ++t) qspan.push_back(mask.span(mask.q_doc, t * BM, std::min(t * BM + BM, q.n)));
-  for (int t = 0; t < nkt; ++t) kspan.push_back(mask.span(mask.k_doc, t * BN, std::min(t * BN + BN, k.n)));
+  for (int t = 0; t < nqt; ++t) qspan.push_back(mask.span(q.segs, t * BM, std::min(t * BM + BM, q.n)));
+  for (int t = 0; t < nkt; ++t) kspan.push_back(mask.span(k.segs, t * BN, std::min(t * BN + BN, k.n)));
+  if (DOCS) {  // each row's document from its position (binary search) against the brute-force one
+    for (int i = 0; i < q.n; ++i)
+      if (mask.doc_of(q.pos[i]) != q.doc[i]) fail("doc_of differs from brute force (query row)", id, i / BM, -1);
+    for (int j = 0; j < k.n; ++j)
+      if (mask.doc_of(k.pos[j]) != k.doc[j]) fail("doc_of differs from brute force (key row)", id, -1, j / BN);
+  }
   for (int i = 0; i < q.n; ++i)
     for (int j = 0; j < k.n; ++j) {
       const long long d = (long long)q.pos[i] - k.pos[j];
@@ -80,8 +86,8 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
       // positions of the row's window within its document: its query tile's span, or the
       // row's own where the tile spans documents) and the backward's (the query positions
       // of the key's window within its document, by the key tile's span or the key's own).
-      const DocSpan fs = qspan[i / BM].one ? qspan[i / BM] : mask.row_span(mask.q_doc, i);
-      const DocSpan bs = kspan[j / BN].one ? kspan[j / BN] : mask.row_span(mask.k_doc, j);
+      const DocSpan fs = qspan[i / BM].one ? qspan[i / BM] : mask.row_span(q.segs, i);
+      const DocSpan bs = kspan[j / BN].one ? kspan[j / BN] : mask.row_span(k.segs, j);
       int lo, hi;
       mask.keys_window(q.pos[i], q.pos[i], fs, lo, hi);
       if ((lo <= k.pos[j] && k.pos[j] <= hi) != ok) fail("forward element mask differs from brute force", id, i / BM, j / BN);
@@ -97,18 +103,17 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     int qlo, qhi, klo, khi;
     q.segs.range(i0, i1, qlo, qhi);
     k.segs.range(j0, j1, klo, khi);
-    return backward ? mask.classify(qlo, qhi, klo, khi, mask.span(mask.k_doc, j0, j1), qlo, qhi)
-                    : mask.classify(qlo, qhi, klo, khi, mask.span(mask.q_doc, i0, i1), klo, khi);
+    return backward ? mask.classify(qlo, qhi, klo, khi, mask.span(k.segs, j0, j1), qlo, qhi)
+                    : mask.classify(qlo, qhi, klo, khi, mask.span(q.segs, i0, i1), klo, khi);
   };
   // The sweep of tile t of one side over the other side's tiles, as the kernel whose
   // blocks hold that side computes it: the forward (query tiles: keys_window), the
   // backward (key tiles: queries_window).
-  auto sweep_of = [&](const Side& own, const int* doc, int t, int tile, const Side& other, int other_tile,
-                      bool queries) {
+  auto sweep_of = [&](const Side& own, int t, int tile, const Side& other, int other_tile, bool queries) {
     const int i0 = t * tile, i1 = std::min(i0 + tile, own.n);
     int lo, hi, wlo, whi;
     own.segs.range(i0, i1, lo, hi);
-    const DocSpan span = mask.span(doc, i0, i1);
+    const DocSpan span = mask.span(own.segs, i0, i1);
     if (queries)
       mask.keys_window(lo, hi, span, wlo, whi);
     else
@@ -117,7 +122,7 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
   };
   long long pairs = 0;
   for (int tq = 0; tq < nqt; ++tq) {
-    const Sweep sweep = sweep_of(q, mask.q_doc, tq, BM, k, BN, true);
+    const Sweep sweep = sweep_of(q, tq, BM, k, BN, true);
     const int lo = mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it
     int with_work = 0;
     for (int tk = 0; tk < nkt; ++tk, ++pairs) {
@@ -134,7 +139,7 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     }
   }
   for (int tk = 0; tk < nkt; ++tk) {
-    const Sweep sweep = sweep_of(k, mask.k_doc, tk, BN, q, BM, false);
+    const Sweep sweep = sweep_of(k, tk, BN, q, BM, false);
     for (int tq = 0; tq < nqt; ++tq) {
       const bool out = tq < sweep.first() || tq >= sweep.end();
       if (any[tq * nkt + tk] && out) fail("backward sweep misses a query tile", id, tq, tk);

@@ -102,15 +102,15 @@ def _spilled(lib, kernel_file: str, head_dim: int, tiles=None) -> dict[str, int]
 @pytest.mark.parametrize("kernel_file", cupy_.KERNEL_FILES)
 def test_no_register_spills(nvrtc, kernel_file, head_dim):
     """The fast head dims' kernels stay in registers: a change that makes them spill to
-    local memory fails here (CI, no GPU), not only in a GPU bench. One exception, within a
-    budget: the head-dim-128 backward's document variant keeps one 8-byte value in local
-    memory (48 B with NVRTC 13: two reloads per query tile, in the tile's set-up, none in
-    the MMA phases; bench/KERNEL_NOTES.md)."""
+    local memory fails here (CI, no GPU), not only in a GPU bench. Exceptions, within a
+    budget: the head-dim-128 document variants keep a few values in local memory with
+    NVRTC 13 (backward 48 B: two reloads per query tile in the tile's set-up, none in the
+    MMA phases; forward 32 B, none in the tile loop; bench/KERNEL_NOTES.md)."""
     budget = SPILL_BUDGET.get((kernel_file, head_dim), 0)
     assert {name: b for name, b in _spilled(nvrtc, kernel_file, head_dim).items() if b > budget} == {}
 
 
-SPILL_BUDGET = {("attention_bwd.cu", 128): 64}  # bytes per entry point
+SPILL_BUDGET = {("attention_bwd.cu", 128): 64, ("attention_fwd.cu", 128): 64}  # bytes per entry point
 
 
 def test_spill_check_can_fail(nvrtc):

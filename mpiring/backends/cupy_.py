@@ -154,19 +154,13 @@ def _device_cu(device_id: int, cu_int64: bytes):
     return cu
 
 
-def _documents(xp, cu, segs: tuple[Segment, ...]):
-    """Document id (int32, on the current device) of each local row of ``segs``;
-    ``cu``: the boundaries (cu_seqlens) on that device."""
-    pos = xp.concatenate([s.start + s.stride * xp.arange(s.length, dtype=xp.int64) for s in segs])
-    return (xp.searchsorted(cu, pos, side="right") - 1).astype(xp.int32)
-
-
-def _mask_args(mask: Mask, q_doc=None, k_doc=None, cu=None):
+def _mask_args(mask: Mask, cu=None):
     # A window wider than any distance is no bound (and must fit the kernels' int32).
     left = NO_BOUND if mask.left is None else min(mask.left, NO_BOUND)
     right = NO_BOUND if mask.right_bound is None else min(mask.right_bound, NO_BOUND)
-    null = np.uint64(0)
-    return (np.int32(left), np.int32(right)) + tuple(null if x is None else x for x in (q_doc, k_doc, cu))
+    if cu is None:
+        return np.int32(left), np.int32(right), np.uint64(0), np.int32(0)
+    return np.int32(left), np.int32(right), cu, np.int32(cu.size)
 
 
 def _grid(rows: int, tiles: int) -> tuple[int, int, int]:
@@ -176,9 +170,9 @@ def _grid(rows: int, tiles: int) -> tuple[int, int, int]:
     return (rows, y, -(-tiles // y))
 
 
-def _entry(kernel: str, dtype, docs) -> str:
+def _entry(kernel: str, dtype, cu) -> str:
     """Kernel entry point: per dtype, and ``_doc`` where document ids are passed."""
-    return f"{kernel}_{KERNEL_DTYPES[dtype]}" + ("" if docs[0] is None else "_doc")
+    return f"{kernel}_{KERNEL_DTYPES[dtype]}" + ("" if cu is None else "_doc")
 
 
 def _i32(*xs):
@@ -213,8 +207,6 @@ class FwdState:
     lse: object  # (B, H, Sq) float32
     steps_done: int = 0
     finished: bool = False
-    q_doc: object = None  # (Sq,) int32 document ids (cu_seqlens), computed on first use
-    cu: object = None  # cu_seqlens on the device
 
 
 @dataclass
@@ -228,8 +220,6 @@ class BwdState:
     scale: float
     dq_sign: int = 1  # dQ = dq_sign · dq (a non-positive softmax scale: see _positive_scale)
     dq_sem: object = None  # deterministic dQ: per (B, H, query tile) counters, after one ticket
-    q_doc: object = None
-    cu: object = None
 
 
 class CudaKernelBackend:
@@ -254,15 +244,13 @@ class CudaKernelBackend:
         self.tiles = tiles
         self.deterministic = deterministic
 
-    def _docs(self, st, mask: Mask, q_segs, k_segs):
-        """(q_doc, k_doc, cu) device int32 arrays where the mask has documents, else Nones."""
+    def _cu(self, mask: Mask):
+        """``cu_seqlens`` as a device int32 array where the mask has documents, else None
+        (the kernels find each row's document from its position by binary search)."""
         if mask.cu_seqlens is None:
-            return None, None, None
-        if st.q_doc is None:
-            key = np.ascontiguousarray(mask.cu_seqlens, dtype=np.int64).tobytes()
-            st.cu = _device_cu(self.xp.cuda.Device().id, key)
-            st.q_doc = _documents(self.xp, st.cu, q_segs)
-        return st.q_doc, _documents(self.xp, st.cu, k_segs), st.cu
+            return None
+        key = np.ascontiguousarray(mask.cu_seqlens, dtype=np.int64).tobytes()
+        return _device_cu(self.xp.cuda.Device().id, key)
 
     def _tiles(self, head_dim: int):
         return (self.tiles or TILES)[head_dim]
@@ -321,15 +309,15 @@ class CudaKernelBackend:
         bm = 16 * mi * nw
         null = np.uint64(0)
         acc, m, l = (null, null, null) if st.acc is None else (st.acc, st.m, st.l)
-        docs = self._docs(st, mask, q_segs, k_segs)
+        cu = self._cu(mask)
         # Q; K, V double-buffered; each query row's allowed key positions (int2).
         smem = (bm + 4 * bn) * (d + 8) * 2 + 8 * bm
         args = (
             (st.q, kv, acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))
-            + _mask_args(mask, *docs) + _i32(first, last)
+            + _mask_args(mask, cu) + _i32(first, last)
         )
-        self._launch("attention_fwd.cu", _entry("attn_fwd", st.q.dtype, docs), d, smem, _grid(b * h, -(-sq // bm)),
+        self._launch("attention_fwd.cu", _entry("attn_fwd", st.q.dtype, cu), d, smem, _grid(b * h, -(-sq // bm)),
                      (32 * nw,), args, st.q)
         st.finished = last
 
@@ -377,7 +365,7 @@ class CudaKernelBackend:
         if b * h * sq * sk == 0:
             return
         nw, bm, bn = self._tiles(d)["bwd"]
-        docs = self._docs(st, mask, q_segs, k_segs)
+        cu = self._cu(mask)
         # K, V; Q, dO double-buffered; P, dS; lse and delta double-buffered; each key's
         # allowed query positions (int2).
         smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4 + 8 * bn
@@ -390,9 +378,9 @@ class CudaKernelBackend:
         args = (
             (st.q, kv, st.dout, st.lse2, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
-            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, *docs)
+            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu)
         )
-        self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, docs), d, smem,
+        self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, cu), d, smem,
                      _grid(b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):

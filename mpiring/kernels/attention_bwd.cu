@@ -81,7 +81,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
   int klo, khi;
   ks.range(j0, j1, klo, khi);
-  const DocSpan kspan = mask.span(mask.k_doc, j0, j1);
+  const DocSpan kspan = mask.span(ks, j0, j1);
   const int nqt = (Sq + BM - 1) / BM;
   auto tile_class = [&](int t) {  // positions only: no load per query tile
     const int i0 = t * BM, i1 = min(i0 + BM, Sq);
@@ -139,7 +139,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   // element mask is then lo ≤ qpos ≤ hi.
   for (int c = threadIdx.x; c < BN; c += NT) {
     const int j = min(j0 + c, Sk - 1), p = ks.pos(j);
-    const DocSpan cs = DOCS && !kspan.one ? mask.row_span(mask.k_doc, j) : kspan;
+    const DocSpan cs = DOCS && !kspan.one ? mask.row_span(ks, j) : kspan;
     int lo, hi;
     mask.queries_window(p, p, cs, lo, hi);
     sCol[c] = j0 + c < Sk ? make_int2(lo, hi) : make_int2(1, 0);
@@ -377,7 +377,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
                                                              Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
   }
 
-// `_doc`: packed documents (q_doc/k_doc read); the others ignore them.
+// `_doc`: packed documents (cu_seqlens read); the others ignore them.
 BWD_ENTRY(attn_bwd_bf16, bf16_t, false)
 BWD_ENTRY(attn_bwd_f16, f16_t, false)
 BWD_ENTRY(attn_bwd_bf16_doc, bf16_t, true)

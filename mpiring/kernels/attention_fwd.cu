@@ -58,7 +58,7 @@ __device__ __forceinline__ void attn_fwd_body(
   const int i1 = min(i0 + BM, Sq), nkt = (Sk + BN - 1) / BN;
   int qlo, qhi;
   qs.range(i0, i1, qlo, qhi);
-  const DocSpan qspan = mask.span(mask.q_doc, i0, i1);
+  const DocSpan qspan = mask.span(qs, i0, i1);
   auto tile_class = [&](int t) {  // positions only: no load per key tile
     const int j0 = t * BN, j1 = min(j0 + BN, Sk);
     int klo, khi;
@@ -108,7 +108,7 @@ __device__ __forceinline__ void attn_fwd_body(
   if (t < nkt)
     for (int r = threadIdx.x; r < BM; r += NT) {
       const int i = min(i0 + r, Sq - 1), p = qs.pos(i);
-      const DocSpan rs = DOCS && !qspan.one ? mask.row_span(mask.q_doc, i) : qspan;
+      const DocSpan rs = DOCS && !qspan.one ? mask.row_span(qs, i) : qspan;
       int lo, hi;
       mask.keys_window(p, p, rs, lo, hi);
       sRow[r] = make_int2(lo, hi);
@@ -306,7 +306,7 @@ __device__ __forceinline__ void attn_fwd_body(
                                                              Sq, Sk, scale_log2, qs, ks, mask, first, last);  \
   }
 
-// `_doc`: packed documents (q_doc/k_doc read); the others ignore them.
+// `_doc`: packed documents (cu_seqlens read); the others ignore them.
 FWD_ENTRY(attn_fwd_bf16, bf16_t, false)
 FWD_ENTRY(attn_fwd_f16, f16_t, false)
 FWD_ENTRY(attn_fwd_bf16_doc, bf16_t, true)

@@ -64,10 +64,11 @@ struct DocSpan {
 };
 
 // The mask of one call: pos_q − left ≤ pos_k ≤ pos_q + right (NO_BOUND: unbounded;
-// causal is right = 0). DOCS: `q_doc`/`k_doc` (per local row, non-decreasing like the
-// positions) are the document ids of packed sequences and `cu` their global boundaries
-// (cu_seqlens); only equal ids attend. Without DOCS none of them is read (and the
-// kernels compile as if they did not exist).
+// causal is right = 0). DOCS: `cu` (`ncu` entries) are the global boundaries of packed
+// documents (cu_seqlens); only rows of the same document attend. A row's document is
+// found from its position by binary search over `cu` (doc_of), once per block or per row
+// of a block's set-up, never per tile. Without DOCS `cu` is not read (and the kernels
+// compile as if it did not exist).
 //
 // Tile classes and sweeps need no document id of the tile that varies in a block's loop:
 // a row at position p is in document d exactly when cu[d] ≤ p < cu[d + 1] (ids are
@@ -80,31 +81,42 @@ struct DocSpan {
 // `mask` of them.
 #define MASK_PARAMS                                                                                          \
   int q_start0, int q_stride0, int q_len0, int q_start1, int q_stride1, int k_start0, int k_stride0,         \
-      int k_len0, int k_start1, int k_stride1, int left, int right, const int* q_doc, const int* k_doc,       \
-      const int* cu
+      int k_len0, int k_start1, int k_stride1, int left, int right, const int* cu, int ncu
 #define MASK_UNPACK(DOCS)                                                                                    \
   Segs qs = {q_start0, q_stride0, q_len0, q_start1, q_stride1};                                              \
   Segs ks = {k_start0, k_stride0, k_len0, k_start1, k_stride1};                                              \
-  MaskInfo<DOCS> mask = {left, right, q_doc, k_doc, cu}
+  MaskInfo<DOCS> mask = {left, right, cu, ncu}
 #endif
 
 template <bool DOCS>
 struct MaskInfo {
   int left, right;
-  const int* q_doc;
-  const int* k_doc;
   const int* cu;
-  // The span of the document of row i of one side (`doc`: q_doc or k_doc): the kernels
+  int ncu;
+  // The document holding position p: the last d ≤ ncu − 2 with cu[d] ≤ p (NumPy's
+  // searchsorted(cu, p, 'right') − 1, so empty documents are never chosen).
+  MASK_FN int doc_of(int p) const {
+    int lo = 0, hi = ncu - 2;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (cu[mid] <= p)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    return lo;
+  }
+  // The span of the document of row i of one side (rows at positions `s`): the kernels
   // take it for each row of a block whose rows span several documents.
-  MASK_FN DocSpan row_span(const int* doc, int i) const {
+  MASK_FN DocSpan row_span(const Segs& s, int i) const {
     if (!DOCS) return {0, 0, true};
-    const int d = doc[i];
+    const int d = doc_of(s.pos(i));
     return {cu[d], cu[d + 1], true};
   }
-  // The span of the documents of rows [i0, i1) of one side (`doc`: q_doc or k_doc).
-  MASK_FN DocSpan span(const int* doc, int i0, int i1) const {
+  // The span of the documents of rows [i0, i1) of one side (rows at positions `s`).
+  MASK_FN DocSpan span(const Segs& s, int i0, int i1) const {
     if (!DOCS) return {0, 0, true};
-    const int d0 = doc[i0], d1 = doc[i1 - 1];
+    const int d0 = doc_of(s.pos(i0)), d1 = doc_of(s.pos(i1 - 1));
     return {cu[d0], cu[d1 + 1], d0 == d1};
   }
   // Tile class of query rows with positions qlo..qhi against key rows with klo..khi, where
@@ -146,7 +158,7 @@ struct MaskInfo {
   // j_lo of the deterministic dQ order: how many key tiles (of `tile` rows, over key rows
   // [0, nk)) lie wholly before query row i0 (binary search on keys_before, a prefix).
   MASK_FN int key_tiles_before(const Segs& qs, int i0, const Segs& ks, int nk, int tile) const {
-    const int qa = DOCS ? cu[q_doc[i0]] : 0, qp0 = qs.pos(i0);
+    const int qp0 = qs.pos(i0), qa = DOCS ? cu[doc_of(qp0)] : 0;
     int lo = 0, hi = (nk + tile - 1) / tile;
     while (lo < hi) {
       const int mid = (lo + hi) / 2;
