@@ -441,7 +441,7 @@ def _forward(call: _Call, q, k, v):
 
     def allocate():
         state = be.fwd_begin(q, call.heads_kv, call.scale)
-        kv = be.pack_kv(k, v)
+        kv = be.pack_kv(k, v, travel=size > 1)
         return state, [kv, be.empty_like(kv) if size > 1 else None]
 
     state, kv = _agree_allocated(call.comm, "ring_attention", allocate, lambda: _estimate(call, q, k, False))
@@ -511,7 +511,7 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
 
     def allocate():
         state = be.bwd_begin(dout, q, out, lse, call.heads_kv, call.scale)
-        kv0 = be.pack_kv(k, v)
+        kv0 = be.pack_kv(k, v, travel=size > 1)
         kv = [kv0, be.empty_like(kv0) if size > 1 else None]
         # Three dK/dV buffers: at step s one is computed into, one is in flight to
         # rank+1 and one receives rank−1's partial sum (rotation proven in the loop).

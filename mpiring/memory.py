@@ -71,7 +71,8 @@ def memory_estimate(
         backend build mask tiles (and ``cu_seqlens`` picks the blockwise backend on CuPy
         while the CUDA kernels have no per-document masks).
     comm_size : number of ranks (None: more than one; a single rank keeps one K/V
-        buffer and one dK/dV buffer instead of two and three).
+        buffer — none with the CUDA kernels, which read k and v in place — and one dK/dV
+        buffer instead of two and three).
     backend : ``"auto"`` (the one the ring call would pick), ``"blockwise"`` or ``"cuda"``.
 
     Returns
@@ -329,8 +330,8 @@ def _blockwise_phases(z: _Sizes, backward: bool, layout: str, array: str, masked
 def _cuda_phases(z: _Sizes, backward: bool):
     """The kernels read q, k, v in place and keep fp32 state; no score tiles in memory."""
     Q, KV, R, e = z.Q, z.KV, z.R, z.e
-    multi_step = z.size > 1  # a single-step call needs no fp32 state
-    kv = {"K/V ring buffers": z.kv_buffers * 2 * KV * e}
+    multi_step = z.size > 1  # a single-step call needs no fp32 state, and reads k, v in place
+    kv = {"K/V ring buffers": z.kv_buffers * 2 * KV * e if multi_step else 0}
     phases = {
         "forward": {
             **kv, "out": Q * e, "lse": R * 4,

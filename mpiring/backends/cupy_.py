@@ -8,7 +8,8 @@ returns an event on that stream (the GPU transports wait on it).
 Internal layouts (all contiguous; B batch, S tokens, H q heads, Hkv kv heads, D head dim):
 
 * ``q``, ``out``, ``dout``: ``(B, Sq, H, D)`` input dtype, as the caller gives them
-* travelling K/V: ``(2, B, Sk, Hkv, D)`` input dtype; travelling dK/dV: same shape, float32
+* travelling K/V: ``(2, B, Sk, Hkv, D)`` input dtype (one rank: the caller's k and v, not
+  copied); travelling dK/dV: ``(2, B, Sk, Hkv, D)`` float32
 * forward state: ``acc`` ``(B, Sq, H, D)`` float32; ``m`` (log2 units, scale folded in)
   and ``l`` ``(B, H, Sq)`` float32
 * backward: ``dq_acc`` ``(B, Sq, H, D)`` float32 (scale applied), ``delta`` ``(B, H, Sq)``;
@@ -262,9 +263,14 @@ class CudaKernelBackend:
             fn(grid, block, args, shared_mem=smem)
 
     # --- buffers ------------------------------------------------------------------------
-    def pack_kv(self, k, v):
-        """The travelling K/V buffer ``(2, B, Sk, Hkv, D)`` in the input dtype."""
-        kv = self.xp.empty((2,) + tuple(k.shape), dtype=k.dtype)
+    def pack_kv(self, k, v, travel: bool = True):
+        """The travelling K/V buffer ``(2, B, Sk, Hkv, D)`` in the input dtype; with
+        ``travel=False`` (one rank: the block never moves) the pair ``(k, v)`` itself, not
+        copied where contiguous. The kernels take K and V as two pointers: ``kv[0]``, ``kv[1]``."""
+        xp = self.xp
+        if not travel:
+            return xp.ascontiguousarray(k), xp.ascontiguousarray(v)
+        kv = xp.empty((2,) + tuple(k.shape), dtype=k.dtype)
         kv[0] = k
         kv[1] = v
         return kv
@@ -277,8 +283,8 @@ class CudaKernelBackend:
         return self.xp.empty_like(buf)
 
     def zeros_dkv(self, kv):
-        """dK/dV partials ``(2, B, Sk, Hkv, D)`` float32, zero."""
-        return self.xp.zeros(kv.shape, dtype=np.float32)
+        """dK/dV partials ``(2, B, Sk, Hkv, D)`` float32, zero (``kv``: as from :meth:`pack_kv`)."""
+        return self.xp.zeros((2,) + tuple(kv[0].shape), dtype=np.float32)
 
     # --- forward ------------------------------------------------------------------------
     def fwd_begin(self, q, heads_kv: int, scale: float) -> FwdState:
@@ -302,7 +308,7 @@ class CudaKernelBackend:
         first = st.steps_done == 1
         last = self.steps is not None and st.steps_done == self.steps
         b, sq, h, d = st.q.shape
-        sk = kv.shape[2]
+        sk = kv[0].shape[1]
         if b * h * sq * sk == 0:
             return
         nw, mi, bn = self._tiles(d)["fwd"]
@@ -313,7 +319,7 @@ class CudaKernelBackend:
         # Q; K, V double-buffered; each query row's allowed key positions (int2).
         smem = (bm + 4 * bn) * (d + 8) * 2 + 8 * bm
         args = (
-            (st.q, kv, acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
+            (st.q, kv[0], kv[1], acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))
             + _mask_args(mask, cu) + _i32(first, last)
         )
@@ -361,7 +367,7 @@ class CudaKernelBackend:
     def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask) -> None:
         """Add this block's dQ into the local accumulator and its dK/dV into ``dkv``."""
         b, sq, h, d = st.q.shape
-        sk = kv.shape[2]
+        sk = kv[0].shape[1]
         if b * h * sq * sk == 0:
             return
         nw, bm, bn = self._tiles(d)["bwd"]
@@ -376,7 +382,7 @@ class CudaKernelBackend:
             st.dq_sem.fill(0)
             sem = st.dq_sem
         args = (
-            (st.q, kv, st.dout, st.lse2, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
+            (st.q, kv[0], kv[1], st.dout, st.lse2, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
             + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu)
         )

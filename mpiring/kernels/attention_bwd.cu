@@ -2,7 +2,7 @@
 //
 // Layouts (all contiguous):
 //   q, dout, out  (B, Sq, H, D)        input dtype
-//   kv            (2, B, Sk, Hkv, D)   input dtype (travelling K then V)
+//   k, v          (B, Sk, Hkv, D) each input dtype (the travelling buffer's halves, or the caller's)
 //   lse2, delta   (B, H, Sq)   fp32    lse·log2(e), +1e30 where lse = −inf (the row had no key: p = 0);
 //                                      delta = rowsum(dout∘out)
 //   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomic adds: many K tiles add to one Q row)
@@ -39,7 +39,8 @@
 #endif
 
 template <typename T, int D, int NW, int BM, int BN, bool DOCS>
-__device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u16* __restrict__ kv,
+__device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u16* __restrict__ k,
+                                              const u16* __restrict__ v,
                                               const u16* __restrict__ dout, const float* __restrict__ lse2,
                                               const float* __restrict__ delta, float* __restrict__ dq_acc,
                                               float* __restrict__ dkv, int* __restrict__ dq_sem, int B, int H, int Hkv, int Sq,
@@ -76,8 +77,9 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   const int b = bx / Hkv, hk = bx % Hkv, G = H / Hkv;
   const int j0 = jt * BN, j1 = min(j0 + BN, Sk);
   const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
-  const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
-  const u16* gv = gk + (long long)B * Sk * Hkv * D;
+  const long long kv_off = ((long long)b * Sk * Hkv + hk) * D;
+  const u16* gk = k + kv_off;
+  const u16* gv = v + kv_off;
 
   int klo, khi;
   ks.range(j0, j1, klo, khi);
@@ -369,11 +371,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
 #define BWD_ENTRY(NAME, T, DOCS)                                                                               \
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
-      const u16* q, const u16* kv, const u16* dout, const float* lse2, const float* delta, float* dq_acc,       \
-      float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2, float scale,            \
-      MASK_PARAMS) {                                                                                            \
+      const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2, const float* delta,          \
+      float* dq_acc, float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2,          \
+      float scale, MASK_PARAMS) {                                                                               \
     MASK_UNPACK(DOCS);                                                                                          \
-    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, kv, dout, lse2, delta, dq_acc, dkv, dq_sem, B, H, \
+    attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, k, v, dout, lse2, delta, dq_acc, dkv, dq_sem, B, H, \
                                                              Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
   }
 

@@ -3,7 +3,8 @@
 //
 // Layouts (all contiguous):
 //   q, out   (B, Sq, H, D)            input dtype
-//   kv       (2, B, Sk, Hkv, D)       input dtype (the travelling buffer: K then V)
+//   k, v     (B, Sk, Hkv, D) each     input dtype (the two halves of the travelling buffer, or
+//                                     the caller's K and V on one rank: no copy)
 //   acc      (B, Sq, H, D)  fp32      unnormalised output
 //   m, l     (B, H, Sq)     fp32      running max (log2 units, scale folded in) and sum
 //   lse      (B, H, Sq)     fp32      natural log, −inf on rows with no allowed key
@@ -33,7 +34,7 @@
 
 template <typename T, int D, int MI, int NW, int BN, bool DOCS>
 __device__ __forceinline__ void attn_fwd_body(
-    const u16* __restrict__ q, const u16* __restrict__ kv, float* __restrict__ acc, float* __restrict__ m_state,
+    const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, float* __restrict__ acc, float* __restrict__ m_state,
     float* __restrict__ l_state, u16* __restrict__ out, float* __restrict__ lse, int B, int H, int Hkv, int Sq,
     int Sk, float scale_log2, Segs qs, Segs ks, MaskInfo<DOCS> mask, int first, int last) {
   const int BM = 16 * MI * NW, NT = 32 * NW, LD = D + 8;
@@ -52,8 +53,9 @@ __device__ __forceinline__ void attn_fwd_body(
   const int i0 = (nqt - 1 - tile) * BM;
   const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
   const u16* gq = q + ((long long)b * Sq * H + h) * D;
-  const u16* gk = kv + ((long long)b * Sk * Hkv + hk) * D;
-  const u16* gv = gk + (long long)B * Sk * Hkv * D;
+  const long long kv_off = ((long long)b * Sk * Hkv + hk) * D;
+  const u16* gk = k + kv_off;
+  const u16* gv = v + kv_off;
 
   const int i1 = min(i0 + BM, Sq), nkt = (Sk + BN - 1) / BN;
   int qlo, qhi;
@@ -299,10 +301,10 @@ __device__ __forceinline__ void attn_fwd_body(
 
 #define FWD_ENTRY(NAME, T, DOCS)                                                                              \
   extern "C" __global__ void __launch_bounds__(32 * FWD_NW) NAME(                                              \
-      const u16* q, const u16* kv, float* acc, float* m_state, float* l_state, u16* out, float* lse, int B,      \
-      int H, int Hkv, int Sq, int Sk, float scale_log2, MASK_PARAMS, int first, int last) {                      \
+      const u16* q, const u16* k, const u16* v, float* acc, float* m_state, float* l_state, u16* out, float* lse, \
+      int B, int H, int Hkv, int Sq, int Sk, float scale_log2, MASK_PARAMS, int first, int last) {               \
     MASK_UNPACK(DOCS);                                                                                         \
-    attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN, DOCS>(q, kv, acc, m_state, l_state, out, lse, B, H, Hkv, \
+    attn_fwd_body<T, HEAD_DIM, FWD_MI, FWD_NW, FWD_BN, DOCS>(q, k, v, acc, m_state, l_state, out, lse, B, H, Hkv, \
                                                              Sq, Sk, scale_log2, qs, ks, mask, first, last);  \
   }
 
