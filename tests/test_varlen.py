@@ -194,3 +194,19 @@ def test_long_context_example(comm):
     argv = ["--tokens", str(96 * size), "--heads", "2", "--heads-kv", "1", "--head-dim", "16", "--samples", "40",
             "--documents", "7", "--cpu"]
     assert example.main(argv) == 0
+
+
+def test_step_balance_counts_pairs():
+    """The bench's load measure against hand counts: one causal sequence of 2L tokens on
+    two ranks, contiguous: rank 0 has L(L+1)/2 pairs at step 0 and none at step 1, rank 1
+    the same at step 0 and L² at step 1, so Σ max = L(L+1)/2 + L² over the mean
+    (L(L+1) + L²)/2. Striped splits any documents evenly; zigzag does not."""
+    from mpiring.bench.longctx import _documents, step_balance
+
+    L = 64
+    want = (L * (L + 1) / 2 + L * L) / ((L * (L + 1) + L * L) / 2)
+    assert step_balance("contiguous", 2, L, np.array([0, 2 * L])) == pytest.approx(want, rel=1e-12)
+    assert step_balance("zigzag", 4, 2 * L, np.array([0, 8 * L])) < 1.01
+    cu = _documents(4 * 1024, 16)
+    assert step_balance("striped", 4, 1024, cu) < 1.01
+    assert step_balance("zigzag", 4, 1024, cu) > 1.2

@@ -18,7 +18,9 @@ CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its nam
   larger that must raise MemoryError.
 * ``varlen`` (``--varlen TOKENS``): causal attention over packed random documents
   (``cu_seqlens``) against one sequence of the same total length; TF/s count the
-  documents' own work (Σ length²), so ``ratio`` compares useful throughput.
+  documents' own work (Σ length²), so ``ratio`` compares useful throughput; ``balance``
+  (:func:`step_balance`) says how evenly ``--layout`` spreads the documents over the
+  ranks and ring steps (zigzag balances one causal sequence, striped any documents).
 * ``timeline`` (``--timeline TOKENS``): one forward+backward ring call per transport;
   per exchange, the compute it overlaps and the transfer (see ``step_times`` of the GPU
   transports; on the host, the time from post to wait and the wait itself).
@@ -311,6 +313,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
     count = args.documents or 4 * size
     cu = _documents(total, count)
     useful = float((np.diff(cu).astype(float) ** 2).sum()) / total**2
+    balance = step_balance(args.layout, size, seqlen, cu)
     arrays = _inputs(xp, seqlen, args, dtype)
     backend = type(backend_for(xp, dtype=np.dtype(dtype), head_dim=args.head_dim,
                                mask=mpiring.layout.make_mask(True, None, cu), seqlen_global=total)).__name__
@@ -331,14 +334,35 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="throughput",
             latency_s=varlen_lat, fixed_latency_s=fixed_lat, latency_ratio=useful * fixed_lat / varlen_lat,
-            varlen_backend=backend,
+            varlen_backend=backend, balance=balance,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
                    f"per GPU (useful work, calls back to back), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
                    f"{varlen * 1e3:.2f} vs {fixed * 1e3:.2f} ms per call, useful fraction {useful:.4f}; "
                    f"single synchronised calls: {varlen_lat * 1e3:.2f} vs {fixed_lat * 1e3:.2f} ms, "
-                   f"ratio {useful * fixed_lat / varlen_lat:.3f}")
+                   f"ratio {useful * fixed_lat / varlen_lat:.3f}; step balance ({args.layout}) {balance:.3f}")
     return rows
+
+
+def step_balance(layout: str, size: int, seqlen: int, cu: np.ndarray) -> float:
+    """How the ring spreads causal attention over documents ``cu`` (host count, exact):
+    Σ over ring steps of the busiest rank's query–key pairs, over the mean rank's pairs
+    over all steps. 1 is perfect balance; since each ring step waits for its K/V block,
+    the ring takes about this factor of the balanced time (``varlen`` rows' ``balance``)."""
+    total = seqlen * size
+    doc = np.searchsorted(cu, np.arange(total), side="right") - 1
+    pos = [np.concatenate([s.start + s.stride * np.arange(s.length)
+                           for s in mpiring.layout.segments(layout, r, size, seqlen)]) for r in range(size)]
+    work = np.zeros((size, size))
+    for r in range(size):
+        qd = doc[pos[r]]
+        for s in range(size):
+            kp = pos[(r - s) % size]
+            kd = doc[kp]
+            for d in np.unique(qd):
+                keys = np.sort(kp[kd == d])
+                work[r, s] += np.searchsorted(keys, pos[r][qd == d], side="right").sum()
+    return float(work.max(axis=0).sum() / work.sum(axis=1).mean())
 
 
 def _documents(total: int, count: int) -> np.ndarray:
