@@ -60,6 +60,8 @@ def add_arguments(p) -> None:
     p.add_argument("--heads-kv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layout", default="zigzag")
+    p.add_argument("--dq", default="deterministic", choices=("deterministic", "atomic"),
+                   help="the varlen rows' backward dQ (both sides of the ratio): ordered adds (the default) or atomics")
     p.add_argument("--cpu", action="store_true", help="NumPy arrays (also where a GPU is present)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/longctx-<card>-<date>.json)")
     p.add_argument("--plot", default=None, metavar="DIR", help="write the PNG figures into DIR (needs matplotlib)")
@@ -153,11 +155,11 @@ def _inputs(xp, seqlen, args, dtype, *, random=True):
     return [rng.standard_normal(s, dtype=np.float32).astype(dtype) for s in shapes]
 
 
-def _run(comm, arrays, mode, **options):
+def _run(comm, arrays, mode, deterministic=True, **options):
     q, k, v, dout = arrays
     out, lse = mpiring.ring_attention(q, k, v, comm, **options)
     if mode == "fwd+bwd":
-        mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, **options)
+        mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, deterministic=deterministic, **options)
 
 
 def _sync(xp) -> None:
@@ -322,7 +324,8 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
         flops = attention_flops(1, total, total, args.heads, args.head_dim, causal=True, mode=mode) / size
 
         def call(mode=mode, **options):
-            return lambda: _run(comm, arrays, mode, causal=True, layout=args.layout, **options)
+            return lambda: _run(comm, arrays, mode, causal=True, layout=args.layout,
+                                deterministic=args.dq == "deterministic", **options)
 
         # Throughput (the issue's measure): calls back to back, one synchronisation. Latency:
         # the median of 3 single synchronised calls (host work before the first kernel included).
@@ -334,7 +337,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="throughput",
             latency_s=varlen_lat, fixed_latency_s=fixed_lat, latency_ratio=useful * fixed_lat / varlen_lat,
-            varlen_backend=backend, balance=balance,
+            varlen_backend=backend, balance=balance, dq=args.dq,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
                    f"per GPU (useful work, calls back to back), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
