@@ -157,6 +157,11 @@ __device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride
 // block at a time in a fixed order. Thread 0 waits/signals; the block's barrier
 // carries the ordering to its other threads (the acquire/release pattern of CUTLASS'
 // generic barrier).
+__device__ __forceinline__ int ld_relaxed(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
 __device__ __forceinline__ int ld_acquire(const int* p) {
   int v;
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
