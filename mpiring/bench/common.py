@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import shlex
 import sys
 
 __all__ = ["REQUIRED", "attention_flops", "card_name", "command_line", "kernel_launch_events", "kernel_ms", "make_row",
-           "write_rows", "time_cuda"]
+           "write_rows", "time_cuda_interleaved"]
 
 # Every row of bench/results/*.json has at least these keys (bench/README.md).
 REQUIRED = ("bench", "card", "date", "command", "dtype", "heads", "heads_kv", "head_dim", "seqlen", "n_gpus",
@@ -60,22 +61,49 @@ def write_rows(path: str, rows: list[dict]) -> None:
         f.write("\n")
 
 
-def time_cuda(fn, *, warmup: int = 2, iters: int = 10, stream=None) -> float:
-    """Median seconds of ``fn()`` over ``iters`` runs, timed with CUDA events on the current stream."""
+def time_cuda_interleaved(fns: dict, *, warmup: int = 1, iters: int = 10, heat_s: float = 2.0, stream=None,
+                          before=None, agree=None) -> dict:
+    """Median seconds of each ``fns[name]()``, the functions timed in turns (one run of
+    each per round, the order rotating), after ``heat_s`` seconds of running them.
+
+    Why: an H100 at full load reaches its power cap within about a second and then runs
+    at lower clocks (seen on 4x H100: 1980 MHz idle, 1605-1700 MHz under the ring,
+    throttle reason SW power cap). Timed one after the other, whichever runs first gets
+    the faster clocks: the ring bench's compute-only baseline (timed first) and the
+    kernel bench's own kernels (timed before torch's) were favoured by this. ``before``,
+    if given, runs before each timed call (e.g. a barrier of the ranks); ``agree`` makes
+    the number of heating rounds the same on every rank (e.g. an allreduce with MAX), as
+    collective functions need."""
+    import time
+
     import cupy
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        fn()
-        stop.record(stream)
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    cupy.cuda.get_current_stream().synchronize()
+    start = time.perf_counter()
+    for name in names:
+        fns[name]()
+    cupy.cuda.get_current_stream().synchronize()
+    rounds = max(0, math.ceil(heat_s / max(time.perf_counter() - start, 1e-6)) - 1)
+    for _ in range(rounds if agree is None else agree(rounds)):
+        for name in names:
+            fns[name]()
+    cupy.cuda.get_current_stream().synchronize()
+    times = {name: [] for name in names}
+    for r in range(iters):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if before is not None:
+                before()
+            begin, end = cupy.cuda.Event(), cupy.cuda.Event()
+            begin.record(stream)
+            fns[name]()
+            end.record(stream)
+            end.synchronize()
+            times[name].append(cupy.cuda.get_elapsed_time(begin, end) / 1e3)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 @contextlib.contextmanager

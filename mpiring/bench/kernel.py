@@ -15,7 +15,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from mpiring.bench.common import attention_flops, card_name, command_line, make_row, time_cuda, today, write_rows
+from mpiring.bench.common import (
+    attention_flops,
+    card_name,
+    command_line,
+    make_row,
+    time_cuda_interleaved,
+    today,
+    write_rows,
+)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
@@ -170,8 +178,7 @@ def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
         be.bwd_step(st, kv, dkv, segs, segs, mask)
         return be.bwd_end(st, dkv, k.dtype)
 
-    ours = {"fwd": time_cuda(fwd, iters=iters), "fwd+bwd": time_cuda(fwd_bwd, iters=iters)}
-    api = {}
+    fns = {("ours", "fwd"): fwd, ("ours", "fwd+bwd"): fwd_bwd}
     if args.api:
         def api_fwd():
             return mpiring.ring_attention(q, k, v, comm, causal=causal)
@@ -180,10 +187,18 @@ def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
             out, lse = api_fwd()
             return mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=causal)
 
-        api = {"fwd": time_cuda(api_fwd, iters=iters), "fwd+bwd": time_cuda(api_fwd_bwd, iters=iters)}
-    peer_t = {}
+        fns.update({("api", "fwd"): api_fwd, ("api", "fwd+bwd"): api_fwd_bwd})
     if peers is not None:
-        peer_t = _time_peers(peers, q, k, v, do, causal, iters, fwd()[0])
+        fns.update(_peer_functions(peers, q, k, v, do, causal, fwd()[0]))
+    # Every function timed in turns, after a heating phase: whichever ran first used to get
+    # the clocks of a GPU not yet at its power cap (time_cuda_interleaved).
+    times = time_cuda_interleaved(fns, iters=iters)
+    ours = {p: times[("ours", p)] for p in ("fwd", "fwd+bwd")}
+    api = {p: times[("api", p)] for p in ("fwd", "fwd+bwd")} if args.api else {}
+    peer_t = {}
+    for (name, p), t in times.items():
+        if name not in ("ours", "api"):
+            peer_t.setdefault(name, {})[p] = t
     rows = []
     for p in args.passes.split(","):
         tf = flops[p] / ours[p] / 1e12
@@ -213,32 +228,35 @@ def _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table):
     return rows
 
 
-def _time_peers(peers, q, k, v, do, causal, iters, our_out):
-    """torch SDPA (FLASH, cuDNN) times on the same inputs: {name: {pass: seconds}}."""
+def _peer_functions(peers, q, k, v, do, causal, our_out) -> dict:
+    """torch SDPA (FLASH, cuDNN) on the same inputs, each checked against our output:
+    ``{(name, pass): function}`` for the backends this torch and card have."""
     torch, SDPBackend, sdpa_kernel = peers
     import cupy
 
     tq, tk, tv, tdo = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v, do))  # (B, H, S, D) views
     tq, tk, tv = (x.detach().requires_grad_(True) for x in (tq, tk, tv))
-    result = {}
+    fns = {}
     for name, backend in (("torch-sdpa-flash", SDPBackend.FLASH_ATTENTION),
                           ("torch-sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-        try:
+        def fwd(backend=backend):
+            with sdpa_kernel([backend]), torch.no_grad():
+                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+
+        def fwd_bwd(backend=backend):
             with sdpa_kernel([backend]):
-                def fwd():
-                    with torch.no_grad():
-                        return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+            out.backward(tdo)
 
-                def fwd_bwd():
-                    out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
-                    out.backward(tdo)
-
-                ref = cupy.from_dlpack(fwd().transpose(1, 2).contiguous())
-                diff = float(cupy.linalg.norm((ref.astype(np.float32) - our_out.astype(np.float32)).ravel()))
-                rel = diff / float(cupy.linalg.norm(ref.astype(np.float32).ravel()))
-                if not rel < 2e-2:
-                    raise SystemExit(f"kernel output differs from {name}: relative {rel:.3e}")
-                result[name] = {"fwd": time_cuda(fwd, iters=iters), "fwd+bwd": time_cuda(fwd_bwd, iters=iters)}
+        try:
+            ref = cupy.from_dlpack(fwd().transpose(1, 2).contiguous())
+            fwd_bwd()
         except RuntimeError as exc:  # backend not available on this card/build
             print(f"# {name} unavailable: {str(exc).splitlines()[0]}")
-    return result
+            continue
+        diff = float(cupy.linalg.norm((ref.astype(np.float32) - our_out.astype(np.float32)).ravel()))
+        rel = diff / float(cupy.linalg.norm(ref.astype(np.float32).ravel()))
+        if not rel < 2e-2:
+            raise SystemExit(f"kernel output differs from {name}: relative {rel:.3e}")
+        fns.update({(name, "fwd"): fwd, (name, "fwd+bwd"): fwd_bwd})
+    return fns

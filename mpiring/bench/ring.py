@@ -7,11 +7,11 @@ a fixed number of tokens per GPU, for each case (layout × causal) and transport
 1. check a small problem against the float64 oracle (out, dq, dk, dv) over that
    transport; a transport that fails is not timed;
 2. time forward and forward+backward (CUDA events, median of ``--iters`` after
-   ``--warmup``; the slowest rank's time);
-3. time the same ring with a transport that moves nothing — the kernels' work at the
-   same local size with no communication — so that
-   ``efficiency = TF/s(ring) / TF/s(compute only)``;
-4. record, per exchange, the compute stream's time between post and wait and the
+   ``--warmup`` and a heating phase; the slowest rank's time), and the same ring with a
+   transport that moves nothing — the kernels' work at the same local size with no
+   communication — in turns with the transports, so that all see the same (power-capped)
+   clocks; ``efficiency = TF/s(ring) / TF/s(compute only)``;
+3. record, per exchange, the compute stream's time between post and wait and the
    transfer's time (:meth:`mpiring.transport.gpu.GpuTransport.step_times`).
 
 Where torch is installed, torch context parallel (ring rotation over NCCL, SDPA FLASH)
@@ -28,7 +28,15 @@ import statistics
 import numpy as np
 from mpi4py import MPI
 
-from mpiring.bench.common import attention_flops, card_name, command_line, make_row, time_cuda, today, write_rows
+from mpiring.bench.common import (
+    attention_flops,
+    card_name,
+    command_line,
+    make_row,
+    time_cuda_interleaved,
+    today,
+    write_rows,
+)
 from mpiring.transport.base import Exchange, Transport
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
@@ -148,11 +156,6 @@ def _runner(comm, inputs, layout: str, causal: bool, transport, mode: str):
     return fwd_bwd
 
 
-def _time(comm, fn, args) -> float:
-    comm.Barrier()
-    return _max(comm, time_cuda(fn, warmup=args.warmup, iters=args.iters))
-
-
 def _step_times(comm, transport_obj, fn) -> dict:
     """Median per-exchange compute and transfer times (ms) of one run, slowest rank."""
     from mpiring.api import _TAG_DKV, _TAG_KV
@@ -199,7 +202,6 @@ def _torch_case(torch, comm, mesh, seqlen_global: int, causal: bool, passes, arg
     # torch 2.11 pitfalls: load balancing only works causal; buffers handed to
     # context_parallel must not require grad (it shards them in place).
     cp_attention._cp_options.enable_load_balance = causal
-    times = {}
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION), context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
         q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
 
@@ -208,8 +210,10 @@ def _torch_case(torch, comm, mesh, seqlen_global: int, causal: bool, passes, arg
 
         grad = torch.randn_like(attend())
         fns = {"fwd": attend, "fwd+bwd": lambda: torch.autograd.grad(attend(), (q, k, v), grad)}
-        for mode in passes:
-            times[mode] = _time(comm, fns[mode], args)
+        # heated and in turns, as our ring's timings (time_cuda_interleaved)
+        times = time_cuda_interleaved({mode: fns[mode] for mode in passes}, warmup=args.warmup, iters=args.iters,
+                                      before=comm.Barrier, agree=lambda x: comm.allreduce(x, op=MPI.MAX))
+        times = {mode: _max(comm, t) for mode, t in times.items()}
     return times
 
 
@@ -330,17 +334,23 @@ def _ring_rows(comm, n, seqlens, cases, passes, transports, args, common, notes)
             for mode in passes:
                 flops = attention_flops(args.batch, s, s, args.heads, args.head_dim, causal=causal, mode=mode) / n
                 base = dict(common, seqlen=seqlen, n_gpus=n, causal=causal, layout=layout, **{"pass": mode})
-                t_compute = _time(comm, _runner(comm, inputs, layout, causal, ComputeOnly(comm), mode), args)
+                # The compute-only baseline and every transport timed in turns after a heating
+                # phase (time_cuda_interleaved): timed first, the baseline ran at the clocks of a
+                # GPU not yet at its power cap, which read as a loss of ring efficiency.
+                ok = [name for name in usable if checked[name] <= _CHECK_TOL[args.dtype]]
+                fns = {None: _runner(comm, inputs, layout, causal, ComputeOnly(comm), mode)}
+                fns.update({name: _runner(comm, inputs, layout, causal, name, mode) for name in ok})
+                times = time_cuda_interleaved(fns, warmup=args.warmup, iters=args.iters, before=comm.Barrier,
+                                              agree=lambda x: comm.allreduce(x, op=MPI.MAX))
+                times = {name: _max(comm, t) for name, t in times.items()}
+                t_compute = times[None]
                 compute_tf = flops / t_compute / 1e12
                 if n == 1:
                     rows.append(make_row(**base, transport=None, tflops_per_gpu=compute_tf, time_ms=1e3 * t_compute,
                                          efficiency=1.0, compute_only_tflops_per_gpu=compute_tf))
                     say(f"n=1 S={seqlen} {layout} causal={causal} {mode}: {compute_tf:.1f} TF/s", flush=True)
-                for name, tr in usable.items():
-                    if not checked[name] <= _CHECK_TOL[args.dtype]:
-                        continue
-                    fn = _runner(comm, inputs, layout, causal, name, mode)
-                    t = _time(comm, fn, args)
+                for name in ok:
+                    tr, fn, t = usable[name], fns[name], times[name]
                     tf = flops / t / 1e12
                     row = make_row(**base, transport=name, tflops_per_gpu=tf, time_ms=1e3 * t,
                                    efficiency=tf / compute_tf, compute_only_tflops_per_gpu=compute_tf,
