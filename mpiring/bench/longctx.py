@@ -30,6 +30,7 @@ CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its nam
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import tracemalloc
@@ -40,6 +41,7 @@ from mpi4py import MPI
 import mpiring
 from mpiring.backends import backend_for
 from mpiring.bench.common import attention_flops, command_line, make_row, today, write_rows
+from mpiring.transport import chosen_transport
 from mpiring.transport.base import Transport
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -181,6 +183,20 @@ def _timed(comm, xp, fn, repeat: int = 1) -> float:
     return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
 
 
+def _heat(comm, xp, fns, seconds: float = 2.0) -> None:
+    """Run ``fns`` in turns for about ``seconds`` (the same number of rounds on every rank):
+    a GPU reaches its power cap, and its lower clocks, within about a second of full load."""
+    start = time.perf_counter()
+    for fn in fns:
+        fn()
+    _sync(xp)
+    rounds = math.ceil(seconds / max(time.perf_counter() - start, 1e-6)) - 1
+    for _ in range(comm.allreduce(max(rounds, 0), op=MPI.MAX)):
+        for fn in fns:
+            fn()
+    _sync(xp)
+
+
 def _throughput(comm, xp, fn, calls: int = 5) -> float:
     """Slowest rank's seconds per call of ``fn()`` called ``calls`` times back to back with
     one synchronisation at the end (after one warm-up run): the rate of a loop that calls
@@ -316,6 +332,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
     cu = _documents(total, count)
     useful = float((np.diff(cu).astype(float) ** 2).sum()) / total**2
     balance = step_balance(args.layout, size, seqlen, cu)
+    ring_transport = None if size == 1 else chosen_transport(_kind(xp), comm)
     arrays = _inputs(xp, seqlen, args, dtype)
     backend = type(backend_for(xp, dtype=np.dtype(dtype), head_dim=args.head_dim,
                                mask=mpiring.layout.make_mask(True, None, cu), seqlen_global=total)).__name__
@@ -327,9 +344,17 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             return lambda: _run(comm, arrays, mode, causal=True, layout=args.layout,
                                 deterministic=args.dq == "deterministic", **options)
 
-        # Throughput (the issue's measure): calls back to back, one synchronisation. Latency:
-        # the median of 3 single synchronised calls (host work before the first kernel included).
-        fixed, varlen = _throughput(comm, xp, call()), _throughput(comm, xp, call(cu_seqlens=cu))
+        # Throughput (the issue's measure): calls back to back, one synchronisation; fixed and
+        # varlen in turns, 3 times each (median), after a heating phase, so that both run at
+        # the clocks of a GPU at its power cap. Latency: the median of 3 single synchronised
+        # calls (host work before the first kernel included).
+        fns = {"fixed": call(), "varlen": call(cu_seqlens=cu)}
+        _heat(comm, xp, fns.values())
+        rates = {name: [] for name in fns}
+        for r in range(3):
+            for name in (("fixed", "varlen") if r % 2 == 0 else ("varlen", "fixed")):
+                rates[name].append(_throughput(comm, xp, fns[name]))
+        fixed, varlen = (sorted(rates[name])[1] for name in ("fixed", "varlen"))
         fixed_lat, varlen_lat = (_timed(comm, xp, call(**o), repeat=3) for o in ({}, {"cu_seqlens": cu}))
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
         rows.append(make_row(
@@ -337,7 +362,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="throughput",
             latency_s=varlen_lat, fixed_latency_s=fixed_lat, latency_ratio=useful * fixed_lat / varlen_lat,
-            varlen_backend=backend, balance=balance, dq=args.dq,
+            varlen_backend=backend, balance=balance, dq=args.dq, ring_transport=ring_transport,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
                    f"per GPU (useful work, calls back to back), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
