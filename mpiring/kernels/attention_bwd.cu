@@ -177,10 +177,13 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   int* added = 0;  // counter of the query tile whose dQ we added last, raised one phase later
   while (w.x < G) {
     const int2 wn = next_work(w.x, w.y - 1);
+    // Two block barriers per query tile (three until the sixth session: 1.07x in a same-process
+    // A/B). This one: this tile's rows have landed, and every warp is done with the previous
+    // tile, so the next tile's rows may now go to the other stage, and phase 1 may rewrite P, dS.
+    cp_async_wait<0>();
+    __syncthreads();
     if (wn.x < G) prefetch(wn, stage ^ 1);
     cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
     const int h = hk * G + w.x, t = w.y, i0 = t * BM;
     int* const sem = dq_sem == 0 ? 0 : dq_sem + 1 + ((long long)b * H + h) * nqt + t;
     const u32 so = stage * (2 * BM * LD);
@@ -270,8 +273,15 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     // Each warp reads its query tile's counter now, a phase before it needs it: by then the
     // key tile before ours (one query tile ahead) has usually raised it, and the load's
     // latency hides under phase 2 instead of stalling the block at the wait.
+    // A relaxed load at gpu scope (read at L2; no L1 invalidation): as an acquire load its
+    // CCTL.IVALL waited for the value on the spot, 4 % of the stall samples (Nsight Compute,
+    // sixth session). Our dQ reds still land after the adds it vouches for: they are issued
+    // only after the value came back (lane 0 branches on it, __syncwarp follows; GPUs do not
+    // issue memory operations speculatively), and the raise it saw was made after a
+    // fence.acq_rel that waited until the earlier tile's reds were performed at L2. A counter
+    // found short is awaited with acquire loads (wait_at_least).
     int seen = 0;
-    if (sem != 0 && lane == 0) seen = ld_acquire(sem);
+    if (sem != 0 && lane == 0) seen = ld_relaxed(sem);
 
     // Phase 2: dV += Pᵀ·dO, dK += dSᵀ·Q over the BM queries.
 #pragma unroll
@@ -320,7 +330,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
       }
       if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
-        // Per warp (lane 0 acquires, __syncwarp orders the warp's adds after it): no block barrier.
+        // Per warp (lane 0 waits, __syncwarp orders the warp's adds after it): no block barrier.
         const int target = sTarget[stage];
         if (lane == 0 && seen < target) wait_at_least(sem, target);
         __syncwarp();
@@ -339,7 +349,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
             red_add2(row + n * 8, dq[mi][n][2 * hr], dq[mi][n][2 * hr + 1]);
         }
     }
-    __syncthreads();  // P, dS and this stage's Q/dO are rewritten next
+    // No barrier here: the next tile's first barrier (above) keeps P, dS and this stage's
+    // Q/dO until every warp is done with them.
     added = sem;  // the next key tile's turn (raised after the next tile's phase 1)
     stage ^= 1;
     w = wn;
