@@ -80,26 +80,6 @@ _WAIT_BLOCK = """        if (threadIdx.x == 0) wait_at_least(sem, sTarget[stage]
 _ROWS_ASYNC = """      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);"""
 _ROWS_PLAIN = """      (r < BM ? sL : sD)[st * BM + rr] = i < Sq ? (r < BM ? lse2 : delta)[srow] : 0.f;"""
 
-_PEEK = "    if (sem != 0 && lane == 0) seen = ld_acquire(sem);\n"
-_PEEK_RELAXED = "    if (sem != 0 && lane == 0) seen = ld_relaxed(sem);\n"
-_LOOP_TOP = """    const int2 wn = next_work(w.x, w.y - 1);
-    if (wn.x < G) prefetch(wn, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-"""
-_LOOP_TOP_2BAR = """    const int2 wn = next_work(w.x, w.y - 1);
-    cp_async_wait<0>();
-    __syncthreads();  // this tile's rows landed; every warp is done with the previous tile
-    if (wn.x < G) prefetch(wn, stage ^ 1);
-    cp_async_commit();
-"""
-_LOOP_END = "    __syncthreads();  // P, dS and this stage's Q/dO are rewritten next\n    added = sem;"
-_DQ_ROW = """          if (r >= Sq - i0) continue;
-          float* row = dq_tile + r * (int)q_stride;
-#pragma unroll
-          for (int n = 0; n < DW3 / 8; ++n)
-            red_add2(row + n * 8, dq[mi][n][2 * hr], dq[mi][n][2 * hr + 1]);"""
 _DQ_REDS = """#pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -117,7 +97,8 @@ _DQ_REDS_FULL = """      if (i0 + BM <= Sq) {  // a full query tile: no row chec
                        dq[mi][n][2 * hr + 1]);
       } else
 """ + _DQ_REDS
-_TWO_BARRIERS = [("attention_bwd.cu", _LOOP_TOP, _LOOP_TOP_2BAR), ("attention_bwd.cu", _LOOP_END, "    added = sem;")]
+_TILES_BEFORE = "    int lo = 0, hi = (nk + tile - 1) / tile;\n"
+_TILES_BEFORE_SHORT = _TILES_BEFORE + "    if (!keys_before(qp0, qa, ks.pos(min(tile, nk) - 1))) return 0;\n"
 
 VARIANTS = {
     "current": [],
@@ -140,19 +121,16 @@ VARIANTS = {
     "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(16))],
     # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
     "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
-    # (sixth session, from Nsight Compute: CCTL.IVALL after the early acquire load 4.3 % of stall
-    # samples; barrier stalls 13.5 % against FLASH's 3.1 %; long-scoreboard stalls on the dQ
-    # reds' reused address registers) deterministic dQ: the early counter read relaxed (no L1
-    # invalidation, so its latency hides under phase 2); the wait itself still acquires
-    "bwd-peek-relaxed": [("attention_bwd.cu", _PEEK, _PEEK_RELAXED)],
-    # two block barriers per query tile instead of three: the next tile's rows are prefetched
-    # after the top barrier (every warp is then past the previous tile), none at the end
-    "bwd-two-barriers": _TWO_BARRIERS,
+    # (sixth session) The relaxed early counter read and the two barriers per query tile,
+    # measured here as "bwd-peek-relaxed" and "bwd-two-barriers", are now the kernel's
+    # (bench/results/kernel-variants-…-b7c7d4e.json; the variants are in f9a14b5's script).
     # the dQ reds of a full query tile without row checks (a branch per row made the
     # compiler reuse the address registers the reds still read)
     "bwd-dq-full-tile": [("attention_bwd.cu", _DQ_REDS, _DQ_REDS_FULL)],
-    "bwd-all3": [("attention_bwd.cu", _PEEK, _PEEK_RELAXED), *_TWO_BARRIERS,
-                 ("attention_bwd.cu", _DQ_REDS, _DQ_REDS_FULL)],
+    # deterministic dQ: thread 0's binary search for the first key tile meeting a query tile
+    # returns at once when key tile 0 does (no window, no documents: every tile), instead of
+    # ~log2(key tiles) dependent steps that delay warp 0 (and the block at the next barrier)
+    "bwd-target-shortcut": [("mask.cuh", _TILES_BEFORE, _TILES_BEFORE_SHORT)],
 }
 
 
