@@ -129,7 +129,8 @@ VARIANTS = {
     "bwd-dq-full-tile": [("attention_bwd.cu", _DQ_REDS, _DQ_REDS_FULL)],
     # deterministic dQ: thread 0's binary search for the first key tile meeting a query tile
     # returns at once when key tile 0 does (no window, no documents: every tile), instead of
-    # ~log2(key tiles) dependent steps that delay warp 0 (and the block at the next barrier)
+    # ~log2(key tiles) dependent steps that delay warp 0 (and the block at the next barrier).
+    # Sixth session: 0.997 / 0.997x (kernel-variants-…-96fdf3e.json): the search is not on the path
     "bwd-target-shortcut": [("mask.cuh", _TILES_BEFORE, _TILES_BEFORE_SHORT)],
 }
 
