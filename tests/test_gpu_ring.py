@@ -113,7 +113,7 @@ def test_message_counts(comm, seed, transport):
 
 @gpu
 def test_nccl_channel_cap_stays_inside(comm):
-    """The NCCL transport caps its channels (MPIRING_NCCL_CHANNELS, default 4) only while
+    """The NCCL transport caps its channels (MPIRING_NCCL_CHANNELS, default 16) only while
     it makes its communicator: the process environment is as it was afterwards, so torch's
     NCCL (or anything else) never inherits the cap."""
     if comm.Get_size() == 1:

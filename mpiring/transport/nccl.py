@@ -13,15 +13,19 @@ over MPI) once per communicator and device, and cached (see
 No host synchronisation anywhere in the ring loop (DESIGN.md §4): the host only queues.
 
 Channels: each NCCL channel of a transfer is a block of NCCL's kernel on an SM that the
-attention kernels then lack. A ring step only needs its block moved within the step's
-compute, which a few channels do, so unless the user chose NCCL's channels
-(``NCCL_MAX_NCHANNELS``, ``NCCL_MAX_CTAS``, ``NCCL_MIN_NCHANNELS``, ``NCCL_MIN_CTAS``)
-``NCCL_MAX_NCHANNELS`` is set to ``MPIRING_NCCL_CHANNELS`` (default 4; 0 leaves NCCL's
-own choice) while mpiring creates its communicator, and removed again: NCCL reads it then
-(once per process and NCCL library: CuPy's; a communicator CuPy's NCCL made earlier in
-the process fixes it before us), so torch's NCCL and the rest of the process never see it.
-Measured on 4× H200 at 32k tokens per GPU (bench/README.md, "Ring"): the causal forward's
-ring efficiency was 0.915 with NCCL's default, 1.002 with 4 channels, 0.952 with 2.
+attention kernels then lack. Unless the user chose NCCL's channels (``NCCL_MAX_NCHANNELS``,
+``NCCL_MAX_CTAS``, ``NCCL_MIN_NCHANNELS``, ``NCCL_MIN_CTAS``) ``NCCL_MAX_NCHANNELS`` is set
+to ``MPIRING_NCCL_CHANNELS`` (default 16; 0 leaves NCCL's own choice) while mpiring creates
+its communicator, and removed again: NCCL reads it then (once per process and NCCL library:
+CuPy's; a communicator CuPy's NCCL made earlier in the process fixes it before us), so
+torch's NCCL and the rest of the process never see it.
+Measured on 4x H100, 32k tokens per GPU, timed fairly (bench/README.md, "Long context",
+sixth session): 16 channels against 4 cost the fixed-length forward 1.5-2 % and gained
+forward+backward 0.2-0.8 %, and packed documents (striped, 16 documents) 0.42 -> 0.60 of
+fixed-length throughput: with documents a step has little compute to hide its transfer
+under, and 4 channels moved a K/V block at ~50 GB/s, 16 at ~100-120 GB/s. (The earlier
+default of 4 rested on H200 runs timed with the compute-only baseline first, which
+favoured it.)
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import os
 
 from mpiring.transport.gpu import GpuExchange, GpuTransport, device_bytes, poll_until
 
-DEFAULT_CHANNELS = 4
+DEFAULT_CHANNELS = 16
 NCCL_CHANNEL_VARS = ("NCCL_MAX_NCHANNELS", "NCCL_MAX_CTAS", "NCCL_MIN_NCHANNELS", "NCCL_MIN_CTAS")
 
 
