@@ -17,6 +17,7 @@ against ``current``.
 from __future__ import annotations
 
 import argparse
+import functools
 import shlex
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from mpiring.backends import cupy_
 from mpiring.bench.common import (
     attention_flops,
     card_name,
+    heat,
     kernel_launch_events,
     kernel_ms,
     make_row,
@@ -158,8 +160,6 @@ def _run(args, events) -> None:
     round, the order rotating) after a heating phase of ``--heat`` seconds: timed one after
     the other, the first ran on a GPU not yet at its power cap, at faster clocks
     (mpiring.bench.common.time_cuda_interleaved says more)."""
-    import time
-
     import cupy
 
     original = cupy_.kernel_sources()
@@ -199,11 +199,8 @@ def _run(args, events) -> None:
                                                    deterministic=not args.atomic)
 
         grads = {name: [g.copy() for g in call(name)] for name in names}  # compiles
-        start = time.perf_counter()
-        while time.perf_counter() - start < args.heat:
-            for name in names:
-                call(name)
-            cupy.cuda.get_current_stream().synchronize()
+        heat([functools.partial(call, name) for name in names], args.heat,
+             sync=cupy.cuda.get_current_stream().synchronize)
         times = {name: {"fwd": [], "bwd": []} for name in names}
         for r in range(args.iters):
             for name in names[r % len(names):] + names[:r % len(names)]:

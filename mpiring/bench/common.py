@@ -9,9 +9,10 @@ import math
 import os
 import shlex
 import sys
+import time
 
 __all__ = ["REQUIRED", "attention_flops", "card_name", "command_line", "kernel_launch_events", "kernel_ms", "make_row",
-           "write_rows", "time_cuda_interleaved"]
+           "write_rows", "heat", "time_cuda_interleaved"]
 
 # Every row of bench/results/*.json has at least these keys (bench/README.md).
 REQUIRED = ("bench", "card", "date", "command", "dtype", "heads", "heads_kv", "head_dim", "seqlen", "n_gpus",
@@ -61,6 +62,23 @@ def write_rows(path: str, rows: list[dict]) -> None:
         f.write("\n")
 
 
+def heat(fns, seconds: float, *, sync, agree=None) -> None:
+    """Run ``fns`` in turns for about ``seconds``: a GPU reaches its power cap, and its
+    lower clocks, within about a second of full load (see :func:`time_cuda_interleaved`).
+    The number of rounds comes from the first round's time (``sync()`` waits for the
+    device); ``agree`` makes it the same on every rank (e.g. an allreduce with MAX), as
+    collective functions need."""
+    start = time.perf_counter()
+    for fn in fns:
+        fn()
+    sync()
+    rounds = max(0, math.ceil(seconds / max(time.perf_counter() - start, 1e-6)) - 1)
+    for _ in range(rounds if agree is None else agree(rounds)):
+        for fn in fns:
+            fn()
+    sync()
+
+
 def time_cuda_interleaved(fns: dict, *, warmup: int = 1, iters: int = 10, heat_s: float = 2.0, stream=None,
                           before=None, agree=None) -> dict:
     """Median seconds of each ``fns[name]()``, the functions timed in turns (one run of
@@ -74,24 +92,13 @@ def time_cuda_interleaved(fns: dict, *, warmup: int = 1, iters: int = 10, heat_s
     if given, runs before each timed call (e.g. a barrier of the ranks); ``agree`` makes
     the number of heating rounds the same on every rank (e.g. an allreduce with MAX), as
     collective functions need."""
-    import time
-
     import cupy
 
     names = list(fns)
     for name in names:
         for _ in range(warmup):
             fns[name]()
-    cupy.cuda.get_current_stream().synchronize()
-    start = time.perf_counter()
-    for name in names:
-        fns[name]()
-    cupy.cuda.get_current_stream().synchronize()
-    rounds = max(0, math.ceil(heat_s / max(time.perf_counter() - start, 1e-6)) - 1)
-    for _ in range(rounds if agree is None else agree(rounds)):
-        for name in names:
-            fns[name]()
-    cupy.cuda.get_current_stream().synchronize()
+    heat(list(fns.values()), heat_s, sync=cupy.cuda.get_current_stream().synchronize, agree=agree)
     times = {name: [] for name in names}
     for r in range(iters):
         for name in names[r % len(names):] + names[:r % len(names)]:

@@ -30,7 +30,6 @@ CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its nam
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import tracemalloc
@@ -40,7 +39,7 @@ from mpi4py import MPI
 
 import mpiring
 from mpiring.backends import backend_for
-from mpiring.bench.common import attention_flops, command_line, make_row, today, write_rows
+from mpiring.bench.common import attention_flops, command_line, heat, make_row, today, write_rows
 from mpiring.transport import chosen_transport
 from mpiring.transport.base import Transport
 
@@ -181,20 +180,6 @@ def _timed(comm, xp, fn, repeat: int = 1) -> float:
         _sync(xp)
         times.append(time.perf_counter() - start)
     return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
-
-
-def _heat(comm, xp, fns, seconds: float = 2.0) -> None:
-    """Run ``fns`` in turns for about ``seconds`` (the same number of rounds on every rank):
-    a GPU reaches its power cap, and its lower clocks, within about a second of full load."""
-    start = time.perf_counter()
-    for fn in fns:
-        fn()
-    _sync(xp)
-    rounds = math.ceil(seconds / max(time.perf_counter() - start, 1e-6)) - 1
-    for _ in range(comm.allreduce(max(rounds, 0), op=MPI.MAX)):
-        for fn in fns:
-            fn()
-    _sync(xp)
 
 
 def _throughput(comm, xp, fn, calls: int = 5) -> float:
@@ -349,7 +334,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
         # the clocks of a GPU at its power cap. Latency: the median of 3 single synchronised
         # calls (host work before the first kernel included).
         fns = {"fixed": call(), "varlen": call(cu_seqlens=cu)}
-        _heat(comm, xp, fns.values())
+        heat(list(fns.values()), 2.0, sync=lambda: _sync(xp), agree=lambda n: comm.allreduce(n, op=MPI.MAX))
         rates = {name: [] for name in fns}
         for r in range(3):
             for name in (("fixed", "varlen") if r % 2 == 0 else ("varlen", "fixed")):
@@ -379,8 +364,7 @@ def step_balance(layout: str, size: int, seqlen: int, cu: np.ndarray) -> float:
     the ring takes about this factor of the balanced time (``varlen`` rows' ``balance``)."""
     total = seqlen * size
     doc = np.searchsorted(cu, np.arange(total), side="right") - 1
-    pos = [np.concatenate([s.start + s.stride * np.arange(s.length)
-                           for s in mpiring.layout.segments(layout, r, size, seqlen)]) for r in range(size)]
+    pos = [mpiring.layout.positions(layout, r, size, seqlen) for r in range(size)]
     work = np.zeros((size, size))
     for r in range(size):
         qd = doc[pos[r]]
