@@ -65,8 +65,8 @@ class ProgressTransport(Transport):
     def begin(self, label: str) -> None:
         self.label, self.step, self.start = label, 0, time.perf_counter()
 
-    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None):
-        exchange = self.inner.post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free)
+    def _post(self, send, recv, *, tag, **options):
+        exchange = self.inner.post(send, recv, tag=tag, **options)
         exchange.ring_tag = tag
         return exchange
 

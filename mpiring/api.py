@@ -174,6 +174,7 @@ class _Call:
     kv_hops: tuple = ()  # kv_hops[s]: (send, receive) K/V at exchange s (layout.kv_hops)
     timeout: float | None = None  # seconds per ring wait; None waits forever
     layout: str = "contiguous"
+    dkv_plan: _layout.DkvPlan | None = None  # backward only (layout.dkv_plan)
 
 
 def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
@@ -251,8 +252,9 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
                           steps=sum(active), deterministic=bool(deterministic))
+    plan = None if lse is _FORWARD else _layout.dkv_plan(schedules, rank)
     return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active,
-                 _layout.kv_hops(schedules, rank), timeout, layout)
+                 _layout.kv_hops(schedules, rank), timeout, layout, plan)
 
 
 def _schedule(layout, rank, size, q, k, mask) -> tuple[bool, ...]:
@@ -491,7 +493,8 @@ def ring_attention_backward(
     heads_kv, head_dim)``, summed over each KV group; all in q's dtype.
 
     The dK/dV partials travel with their K/V block in the compute dtype (float32 at
-    least) and arrive at their owner after N hops, so error does not grow with N.
+    least), summed in ring order, and go straight home from the last rank that used
+    the block (:func:`mpiring.layout.dkv_plan`), so error does not grow with N.
     """
     arrays, export, problem = _interop.import_arrays(
         {"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse, "cu_seqlens": cu_seqlens})
@@ -509,36 +512,42 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
     be, tr = call.backend, call.transport
     size, rank = call.comm.Get_size(), call.comm.Get_rank()
 
+    plan = call.dkv_plan
+
     def allocate():
         state = be.bwd_begin(dout, q, out, lse, call.heads_kv, call.scale)
         kv0 = be.pack_kv(k, v, travel=size > 1)
         kv = [kv0, be.empty_like(kv0) if size > 1 else None]
-        # Three dK/dV buffers: at step s one is computed into, one is in flight to
-        # rank+1 and one receives rank−1's partial sum (rotation proven in the loop).
-        return state, kv, [be.zeros_dkv(kv0) for _ in range(3 if size > 1 else 1)]
+        # dK/dV partials (layout.dkv_plan): 3 buffers for a full ring (computed into, in
+        # flight, arriving), fewer where blocks stay home, at most 4.
+        return state, kv, [be.zeros_dkv(kv0) for _ in range(plan.buffers)]
 
     state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate,
                                       lambda: _estimate(call, q, k, True))
     fence, ex_dkv = None, None
-    for s in range(size):
+    for s, step in enumerate(plan.steps):
         cur, nxt = kv[s % 2], kv[(s + 1) % 2]
         ex_kv = _post_kv(call, s, cur, nxt, fence)
-        # mine = C_s; C_{s-1} = dkv[(s+2)%3] is in flight, R_{s-1} = dkv[(s+1)%3] arriving.
-        mine = dkv[s % 3]
-        if s >= 2:  # C_s reuses R_{s-2}'s buffer, already added into C_{s-2}
-            mine.fill(0)
+        if step.zero:  # a buffer used before (new ones are zero)
+            dkv[step.compute].fill(0)
         if call.active[s]:
-            be.bwd_step(state, cur, mine, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
+            be.bwd_step(state, cur, dkv[step.compute], call.q_segs, call.k_segs[(rank - s) % size], call.mask)
         if ex_dkv is not None:
             tr.wait(ex_dkv, timeout=call.timeout)
-            mine += dkv[(s + 1) % 3]
+            ex_dkv = None
+        if step.add is not None:  # the partial sum that came with the block, from rank−1
+            dkv[step.compute] += dkv[step.add]
         if size > 1:
-            # Send C_s on; receive R_s into C_{s-1}'s buffer, whose send has completed.
             fence = be.record()
-            ex_dkv = tr.post([mine], [dkv[(s + 2) % 3]], tag=_TAG_DKV, send_ready=fence, recv_free=fence)
+        if step.send is not None or step.recv:
+            # Send the partial on (or home); receive the next block's partial (or our own
+            # block's finished dK/dV) into buffers whose last send has completed.
+            send = [] if step.send is None else [step.send]
+            ex_dkv = tr.post([dkv[i] for i, _ in send], [dkv[i] for i, _ in step.recv], tag=_TAG_DKV,
+                             send_ready=fence, recv_free=fence, send_to=[r for _, r in send],
+                             recv_from=[r for _, r in step.recv])
         if ex_kv is not None:
             tr.wait(ex_kv, timeout=call.timeout)
-    if size > 1:
-        tr.wait(ex_dkv, timeout=call.timeout)  # the last hop brings our own block's dK/dV home
-    home = dkv[(size + 1) % 3] if size > 1 else dkv[0]
-    return be.bwd_end(state, home, k.dtype)
+    if ex_dkv is not None:
+        tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
+    return be.bwd_end(state, dkv[plan.home], k.dtype)

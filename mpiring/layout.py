@@ -23,7 +23,11 @@ import numpy as np
 
 __all__ = [
     "LAYOUTS",
+    "block_reach",
+    "dkv_plan",
     "kv_hops",
+    "pack_documents",
+    "rank_work",
     "Mask",
     "make_mask",
     "Segment",
@@ -249,24 +253,202 @@ def step_schedule(
     )
 
 
-def kv_hops(schedules, rank: int) -> tuple[tuple[bool, bool], ...]:
-    """The K/V transfers of ``rank`` at each ring exchange s (0 ≤ s < N−1): (send, receive).
+def block_reach(schedules) -> tuple[int, ...]:
+    """``reach[b]``: how many hops rank b's K/V block travels, b → b+1 → … → b+reach[b]: up
+    to the last rank that has work with it (0: it stays home).
 
     ``schedules[r]`` is rank r's :func:`step_schedule` (at step s it holds the K/V block of
-    rank (r − s) mod N). Block b travels b → b+1 → … only as far as the last rank that has
-    work with it, ``need(b)`` hops; the ring steps after that carry nothing (causal
-    contiguous: half the transfers; packed documents that stay on their ranks: none).
-    Every rank derives the same plan from the same gathered schedules, so each send has
-    its receive. The block a rank sends was received (or is its own): ``need(b) > s``
-    implies ``need(b) > s − 1``.
+    rank (r − s) mod N). Every rank derives the same reach from the same gathered schedules.
     """
     size = len(schedules)
     work = np.asarray(schedules, dtype=bool).reshape(size, size)
     steps = np.arange(size)
     # held[b, s]: rank b+s has work at step s (with block b)
     held = work[(steps[:, None] + steps[None, :]) % size, steps[None, :]]
-    need = np.where(held.any(axis=1), size - 1 - np.argmax(held[:, ::-1], axis=1), 0)
-    return tuple((bool(need[(rank - s) % size] > s), bool(need[(rank - 1 - s) % size] > s)) for s in range(size - 1))
+    return tuple(int(x) for x in np.where(held.any(axis=1), size - 1 - np.argmax(held[:, ::-1], axis=1), 0))
+
+
+def kv_hops(schedules, rank: int) -> tuple[tuple[bool, bool], ...]:
+    """The K/V transfers of ``rank`` at each ring exchange s (0 ≤ s < N−1): (send, receive).
+
+    Block b travels only as far as :func:`block_reach` says; the ring steps after that
+    carry nothing (causal contiguous: half the transfers; packed documents that stay on
+    their ranks: none). Each send has its receive, and the block a rank sends was received
+    (or is its own): ``reach(b) > s`` implies ``reach(b) > s − 1``.
+    """
+    size, reach = len(schedules), block_reach(schedules)
+    return tuple((reach[(rank - s) % size] > s, reach[(rank - 1 - s) % size] > s) for s in range(size - 1))
+
+
+@dataclass(frozen=True)
+class DkvStep:
+    """What one rank does with dK/dV partials at ring step s (buffers are indices)."""
+
+    compute: int | None  # buffer this step's dK/dV is computed into (None: off the block's path)
+    zero: bool  # clear ``compute`` first (a buffer used before; new ones start at zero)
+    add: int | None  # the partial that came from rank−1 with the block, added after the compute
+    send: tuple[int, int] | None  # (buffer, rank): on to rank+1, or home to the block's owner
+    recv: tuple[tuple[int, int], ...]  # ((buffer, rank), …) received in exchange s
+
+
+@dataclass(frozen=True)
+class DkvPlan:
+    """A rank's dK/dV schedule (:func:`dkv_plan`): per step, the buffers in use; in all."""
+
+    steps: tuple[DkvStep, ...]
+    buffers: int  # distinct dK/dV buffers the rank allocates
+    home: int  # the buffer that ends holding the rank's own block's dK/dV
+
+
+def dkv_plan(schedules, rank: int) -> DkvPlan:
+    """How ``rank`` moves dK/dV partials in the backward ring (``schedules`` as for
+    :func:`block_reach`).
+
+    Block b's partial sum follows its K/V block: rank b+s adds its contribution at step s
+    to the sum that came from rank b+s−1 (summation order fixed by the ring, never by
+    arrival) and passes it on to rank b+s+1 while the block goes further; the last rank
+    on the path, b+reach[b], sends it straight home to b (the ring's next hop when the
+    block went all the way round). A block that stays home moves no dK/dV at all.
+
+    Exchange s (after step s's compute) carries at most one dK/dV message per pair of
+    ranks, and every rank issues its exchanges in the same order (NCCL matches by order).
+    Buffers are reused once free (a sent one after its exchange completed, an added one
+    at once): 3 for a full ring (computed into, in flight, arriving), as before; a block
+    whose partial comes home early can need a fourth (:attr:`DkvPlan.buffers`).
+    """
+    size, reach = len(schedules), block_reach(schedules)
+    free: list[int] = []
+    used = [0]  # buffers created so far
+    steps = []
+
+    def take() -> tuple[int, bool]:
+        if free:
+            return free.pop(), True
+        used[0] += 1
+        return used[0] - 1, False
+
+    arriving = None  # the partial received in the previous exchange (for this step's block)
+    in_flight = None  # the buffer sent in the previous exchange (free once it completes)
+    home = None
+    for s in range(size):
+        b = (rank - s) % size
+        compute, zero, add, send = None, False, None, None
+        on_path = s == 0 or reach[b] >= s
+        if on_path and (s == 0 or schedules[rank][s]):
+            compute, zero = take()  # (a rank on the path without work forwards what came)
+        if in_flight is not None:
+            free.append(in_flight)  # the exchange is waited before the add
+            in_flight = None
+        if on_path:
+            if compute is None:
+                compute, arriving = arriving, None  # forwarded as it came
+            elif arriving is not None:
+                add, arriving = arriving, None
+                free.append(add)
+            if reach[b] > s:
+                send = (compute, (rank + 1) % size)
+            elif s >= 1:
+                send = (compute, b)
+            else:
+                home = compute  # the own block goes nowhere: its dK/dV is complete here
+            in_flight = None if send is None else compute
+        recv = []
+        if s < size - 1 and reach[(rank - 1 - s) % size] > s:
+            arriving, _ = take()
+            recv.append((arriving, (rank - 1) % size))
+        if s >= 1 and reach[rank] == s:
+            home, _ = take()
+            recv.append((home, (rank + s) % size))
+        steps.append(DkvStep(compute, zero, add, send, tuple(recv)))
+    return DkvPlan(tuple(steps), used[0], home)
+
+
+def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:
+    """Query–key pairs each rank attends to with ``layout="contiguous"`` over ``size``
+    ranks, for documents ``cu_seqlens`` (global boundaries; the total must divide by
+    ``size``). Exact, O(documents + size)."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    total = int(cu[-1])
+    if total % size:
+        raise ValueError(f"the total length {total} must be divisible by size={size}")
+    lengths = np.diff(cu).astype(np.float64)
+    # F(t): pairs of the queries before t. Causal: query p of a document starting at a
+    # attends p − a + 1 keys; otherwise the document's length.
+    per_doc = lengths * (lengths + 1) / 2 if causal else lengths**2
+    before = np.concatenate([[0.0], np.cumsum(per_doc)])
+    t = np.arange(size + 1, dtype=np.int64) * (total // size)
+    i = np.clip(np.searchsorted(cu, t, side="right") - 1, 0, len(lengths) - 1)
+    n = (t - cu[i]).astype(np.float64)  # queries of document i before t
+    f = before[i] + (n * (n + 1) / 2 if causal else n * lengths[i])
+    f[-1] = before[-1]
+    return np.diff(f)
+
+
+def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, iterations: int | None = None):
+    """An order of documents that evens out the ranks' work with ``layout="contiguous"``.
+
+    Attention never crosses a document, so the order of packed documents is free. With
+    ``layout="contiguous"`` a document stays on its rank unless it crosses a rank
+    boundary, and then only the ranks it spans exchange K/V (the ring skips the rest,
+    :func:`kv_hops`, :func:`dkv_plan`), unlike ``striped``/``zigzag``, which spread every
+    document over every rank and move every K/V block around the whole ring. What
+    ``contiguous`` lacks is balance: a rank with long documents has more causal work (it
+    grows with length²). This picks an order that evens it out (long documents end up
+    split over ranks): a local search of swaps from a few starting orders, deterministic
+    for a given ``seed``, so every rank computes the same order.
+
+    Parameters
+    ----------
+    lengths : document lengths (ints ≥ 0); their sum must divide by ``size``.
+    size : number of ranks.
+    causal : balance causal work (True) or full attention within documents.
+    seed, iterations : the search's random seed and its number of tried swaps
+        (default ``min(40 · documents², 20000)``).
+
+    Returns
+    -------
+    order : int64 array, ``order[i]`` is the index (into ``lengths``) of the i-th
+        document of the packed sequence.
+    cu_seqlens : int64 array, the boundaries of the packed sequence, for
+        :func:`mpiring.ring_attention`'s ``cu_seqlens`` with ``layout="contiguous"``.
+
+    :func:`rank_work` gives the resulting work per rank.
+    """
+    lengths = np.asarray(lengths)
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or np.any(lengths < 0):
+        raise ValueError(f"lengths must be a 1-D array of non-negative ints, got {lengths!r}")
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"size={size!r} must be an int >= 1")
+    lengths = lengths.astype(np.int64)
+    total, count = int(lengths.sum()), len(lengths)
+    if total % size:
+        raise ValueError(f"the documents' total length {total} must be divisible by size={size}")
+
+    def cost(order):
+        work = rank_work(np.concatenate([[0], np.cumsum(lengths[order])]), size, causal=causal)
+        return work.max(), float((work**2).sum())
+
+    rng = np.random.default_rng(seed)
+    by_length = np.argsort(-lengths, kind="stable")
+    starts = [np.arange(count), by_length, np.concatenate([by_length[0::2], by_length[1::2][::-1]])]
+    starts += [rng.permutation(count) for _ in range(2)]
+    tries = min(40 * count * count, 20000) if iterations is None else int(iterations)
+    best_order, best = None, None
+    for order in starts:
+        current = cost(order)
+        for _ in range(tries // len(starts) if count > 1 else 0):
+            i, j = rng.integers(count, size=2)
+            if i == j or lengths[order[i]] == lengths[order[j]]:
+                continue
+            order[i], order[j] = order[j], order[i]
+            trial = cost(order)
+            if trial <= current:
+                current = trial
+            else:
+                order[i], order[j] = order[j], order[i]
+        if best is None or current < best:
+            best_order, best = order.copy(), current
+    return best_order, np.concatenate([[0], np.cumsum(lengths[best_order])])
 
 
 def _global_length(seqlen: int, size: int, layout: str) -> int:

@@ -72,7 +72,8 @@ def memory_estimate(
         while the CUDA kernels have no per-document masks).
     comm_size : number of ranks (None: more than one; a single rank keeps one K/V
         buffer — none with the CUDA kernels, which read k and v in place — and one dK/dV
-        buffer instead of two and three).
+        buffer instead of two and up to four: :func:`mpiring.layout.dkv_plan`, 3 on a full
+        ring, fewer where packed documents keep blocks home).
     backend : ``"auto"`` (the one the ring call would pick), ``"blockwise"`` or ``"cuda"``.
 
     Returns
@@ -105,11 +106,12 @@ def memory_breakdown(
     size = 2 if comm_size is None else int(comm_size)
     if backend == "auto":
         backend = _auto_backend(array, dtype, head_dim, cu_seqlens is not None, seqlen_local * size)
-    sizes = _Sizes(batch, seqlen_local, heads, heads_kv, head_dim, dtype, size)
+    mask = _layout.make_mask(causal, window, cu_seqlens)
+    sizes = _Sizes(batch, seqlen_local, heads, heads_kv, head_dim, dtype, size,
+                   _dkv_buffers(layout, size, batch, seqlen_local, mask) if backward else 0)
     if backend == "cuda":
         phases = _cuda_phases(sizes, backward)
     else:
-        mask = _layout.make_mask(causal, window, cu_seqlens)
         phases = _blockwise_phases(sizes, backward, layout, array, masked, mask)
     if size > 1 and _transport_name(transport, array) == "mpi-staged":
         phases["host_pinned"] = _staging(sizes, backward)
@@ -169,7 +171,7 @@ def _transport_name(transport, array: str) -> str:
 class _Sizes:
     """Element counts and itemsizes of one rank's problem (see the module docstring)."""
 
-    def __init__(self, batch, seqlen, heads, heads_kv, head_dim, dtype, size):
+    def __init__(self, batch, seqlen, heads, heads_kv, head_dim, dtype, size, dkv_buffers):
         self.batch, self.seqlen, self.heads, self.heads_kv, self.head_dim = batch, seqlen, heads, heads_kv, head_dim
         self.size = size
         self.e = dtype.itemsize
@@ -180,7 +182,19 @@ class _Sizes:
         self.KV = batch * seqlen * heads_kv * head_dim
         self.R = batch * heads * seqlen
         self.kv_buffers = 2 if size > 1 else 1  # the block in hand and the one arriving
-        self.dkv_buffers = 3 if size > 1 else 1  # computed into, in flight, arriving
+        self.dkv_buffers = dkv_buffers  # _dkv_buffers
+
+
+def _dkv_buffers(layout: str, size: int, batch: int, seqlen: int, mask) -> int:
+    """dK/dV buffers of the backward on the rank that needs most (layout.dkv_plan): 3 on
+    a full ring (computed into, in flight, arriving), 1 where every block stays home."""
+    if size == 1:
+        return 1
+    if batch == 0 or mask.is_full:
+        schedules = [(batch > 0,) * size] * size
+    else:
+        schedules = [_layout.step_schedule(layout, r, size, seqlen, seqlen, mask) for r in range(size)]
+    return max(_layout.dkv_plan(schedules, r).buffers for r in range(size))
 
 
 def _staging(z: _Sizes, backward: bool) -> dict[str, int]:

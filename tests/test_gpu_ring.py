@@ -97,6 +97,28 @@ def test_oracle(comm, seed, transport, dtype, heads_kv, causal, layout):
 
 @gpu
 @pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("documents", ["random", "per-rank", "packed"])
+@pytest.mark.parametrize("layout", ["contiguous", "striped"])
+def test_documents(comm, seed, transport, documents, layout):
+    """Packed documents through each transport, forward and backward against the oracle:
+    random boundaries, documents that end on rank boundaries (contiguous: nothing moves)
+    and random documents ordered by pack_documents (split over neighbouring ranks: K/V
+    goes a hop or two, dK/dV comes straight home, layout.dkv_plan)."""
+    size, seqlen_local = comm.Get_size(), 130
+    total = seqlen_local * size
+    rng = np.random.default_rng(seed + 7)
+    if documents == "per-rank":
+        cu = np.arange(size + 1) * seqlen_local
+    else:
+        cu = np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), size=3 * size, replace=False)), [total]])
+        if documents == "packed":
+            cu = mpiring.layout.pack_documents(np.diff(cu), size)[1]
+    check_ring(comm, seed, seqlen_local=seqlen_local, heads=4, heads_kv=2, head_dim=64, dtype=bfloat16,
+               layout=layout, causal=True, cu_seqlens=cu, transport=transport, xp=cp)
+
+
+@gpu
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_message_counts(comm, seed, transport):
     """N−1 K/V hops forward; N−1 K/V + N dK/dV hops backward; nothing left pending."""
     size = comm.Get_size()

@@ -144,3 +144,73 @@ def test_document_schedule_matches_dense_mask():
         got = segments_have_work(segments(layout, rank, size, seqlen_local), segments(layout, src, size, seqlen_local),
                                  mask)
         assert got == bool(dense.any()), (layout, size, rank, src, seqlen_local, mask)
+
+
+# --- the backward's dK/dV plan (layout.dkv_plan) --------------------------------------------
+def _run_dkv_plans(schedules, transfer_at_post: bool):
+    """Play every rank's dK/dV plan together on symbolic partials (lists of (rank, block)
+    contributions). Messages are matched per exchange and move either when posted or when
+    waited (the two ends of the window in which a transport reads and writes the buffers),
+    so a buffer written while a message still uses it gives a wrong sum. Returns each
+    rank's home buffer and every rank's buffer count."""
+    size = len(schedules)
+    plans = [mpiring.layout.dkv_plan(schedules, r) for r in range(size)]
+    bufs = [[[] for _ in range(p.buffers)] for p in plans]
+    pending = []  # the exchange posted last: (src, dst, src buffer, dst buffer)
+
+    def move():
+        for src, dst, i, j in pending:
+            bufs[dst][j] = list(bufs[src][i])
+        pending.clear()
+
+    for s in range(size):
+        for r, plan in enumerate(plans):
+            step = plan.steps[s]
+            if step.zero:
+                bufs[r][step.compute] = []
+            if schedules[r][s]:
+                assert step.compute is not None, "a rank with work has no buffer"
+                bufs[r][step.compute].append((r, (r - s) % size))
+        if not transfer_at_post:
+            move()  # the previous exchange is waited after the compute, before the add
+        for r, plan in enumerate(plans):
+            step = plan.steps[s]
+            if step.add is not None:
+                bufs[r][step.compute] = bufs[r][step.compute] + bufs[r][step.add]
+        sends = {(r, dst): i for r, p in enumerate(plans) if p.steps[s].send for i, dst in [p.steps[s].send]}
+        for r, plan in enumerate(plans):
+            for j, src in plan.steps[s].recv:
+                pending.append((src, r, sends.pop((src, r)), j))  # KeyError: a receive without its send
+        assert not sends, f"sends without receives at exchange {s}: {sends}"
+        if transfer_at_post:
+            move()
+    move()
+    return [bufs[r][p.home] for r, p in enumerate(plans)], [p.buffers for p in plans]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 7).flatmap(lambda n: st.lists(st.lists(st.booleans(), min_size=n, max_size=n),
+                                                     min_size=n, max_size=n)),
+       st.booleans())
+def test_dkv_plan_brings_every_partial_home(schedules, transfer_at_post):
+    """Any schedules: each block's dK/dV is the sum of exactly the ranks that had work
+    with it, at its owner; sends match receives; at most 4 buffers, and 3
+    for a full ring (as many as the ring always had)."""
+    size = len(schedules)
+    homes, buffers = _run_dkv_plans(schedules, transfer_at_post)
+    for b in range(size):
+        want = [((b + t) % size, b) for t in range(size) if schedules[(b + t) % size][t]]
+        assert sorted(homes[b]) == sorted(want)  # each once (the order of the adds is fixed by the plan)
+    assert max(buffers) <= 4
+    full = [[True] * size] * size
+    assert max(_run_dkv_plans(full, transfer_at_post)[1]) == (3 if size > 1 else 1)
+
+
+def test_dkv_plan_moves_nothing_for_blocks_that_stay_home():
+    """Documents on rank boundaries: one buffer, no messages."""
+    size = 4
+    schedules = [[s == 0 for s in range(size)] for _ in range(size)]
+    for r in range(size):
+        plan = mpiring.layout.dkv_plan(schedules, r)
+        assert plan.buffers == 1
+        assert all(step.send is None and not step.recv for step in plan.steps)

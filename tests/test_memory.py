@@ -59,6 +59,10 @@ CASES = [
     (1, 512, 4, 2, 32, bfloat16, "zigzag", {"causal": True}),
     (2, 384, 2, 1, 64, np.float64, "striped", {"window": 100}),
     (1, 1536, 1, 1, 32, np.float32, "zigzag", {"causal": True, "cu_seqlens": "random"}),
+    # dK/dV buffers (layout.dkv_plan): 4 on some ranks of a causal contiguous ring (N ≥ 4),
+    # 1 where documents end on rank boundaries
+    (1, 1024, 2, 2, 32, np.float32, "contiguous", {"causal": True}),
+    (1, 1024, 2, 2, 32, np.float32, "contiguous", {"causal": True, "cu_seqlens": "per-rank"}),
 ]
 
 
@@ -71,6 +75,8 @@ def test_estimate_holds_numpy(comm, seed, case):
         rng = np.random.default_rng(seed)
         cuts = np.sort(rng.choice(np.arange(1, total), size=min(9, total - 1), replace=False))
         options["cu_seqlens"] = np.concatenate([[0], cuts, [total]])
+    elif options.get("cu_seqlens") == "per-rank":
+        options["cu_seqlens"] = np.arange(comm.size + 1) * seqlen_local
     arrays = local_problem(comm, seed, batch, seqlen_local, heads, heads_kv, head_dim, dtype, layout)
     fwd, fwd_bwd = measure_peaks(comm, *arrays, layout=layout, **options)
     shape = (batch, seqlen_local, heads, heads_kv, head_dim, dtype)

@@ -7,9 +7,11 @@ import mpiring
 from mpiring.transport import MpiHostTransport
 
 
-def _expected_kv_sends(comm, layout, causal, seqlen_local, cu_seqlens=None):
-    """K/V blocks this rank sends on, from brute force over positions: block b goes on
-    from rank b+s (step s) while a rank further along, b+s+1 … b+N−1, attends to it."""
+def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None):
+    """(K/V, dK/dV) messages this rank sends, from brute force over positions: block b
+    goes on from rank b+s (step s) while a rank further along, b+s+1 … b+N−1, attends to
+    it; its dK/dV partial goes with it, and from the last rank that attends to it (if
+    not b itself) straight home to b."""
     size, rank = comm.Get_size(), comm.Get_rank()
     pos = [mpiring.layout.positions(layout, r, size, seqlen_local) for r in range(size)]
     doc = None if cu_seqlens is None else (lambda p: np.searchsorted(cu_seqlens, p, side="right"))
@@ -21,37 +23,44 @@ def _expected_kv_sends(comm, layout, causal, seqlen_local, cu_seqlens=None):
             ok = ok & (doc(qp) == doc(kp))
         return bool(ok.any())
 
-    sends = 0
-    for s in range(size - 1):
-        b = (rank - s) % size
-        sends += any(sees((b + t) % size, b) for t in range(s + 1, size))
-    return sends
+    def last(b):  # hops to the last rank that attends to block b (0: none but b, or none)
+        return max([t for t in range(size) if sees((b + t) % size, b)], default=0)
+
+    kv = sum(last((rank - s) % size) > s for s in range(size - 1))
+    dkv = sum(last((rank - s) % size) >= max(s, 1) for s in range(size))
+    return kv, dkv
 
 
 @pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True)])
 def test_hops_per_call(comm, seed, layout, causal):
     """K/V hops forward: N−1, less the steps whose block no rank further along needs
     (causal contiguous: rank r < N−1 forwards blocks 0…r, the last rank none, N(N−1)/2 in
-    all); backward adds N dK/dV hops (the last brings the owner's dK/dV home); none at N=1."""
+    all); backward adds the dK/dV hops: N on a full ring (the last brings the owner's
+    dK/dV home); causal contiguous: r+1 on rank r < N−1 (the partial of block 0…r, sent on
+    or home), N−1 on the last rank (none for its own block); none at N=1."""
     size = comm.Get_size()
     rng = np.random.default_rng(seed)
     q, k, v, do = (rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(4))
     transport = MpiHostTransport(mpiring.api.private_comm(comm))
-    kv_sends = _expected_kv_sends(comm, layout, causal, 8)
+    kv_sends, dkv_sends = _expected_sends(comm, layout, causal, 8)
     rank = comm.Get_rank()
-    assert kv_sends == ((rank + 1 if rank < size - 1 else 0) if (layout, causal) == ("contiguous", True) else size - 1)
+    contiguous_causal = (layout, causal) == ("contiguous", True)
+    assert kv_sends == ((rank + 1 if rank < size - 1 else 0) if contiguous_causal else size - 1)
+    full = size if size > 1 else 0
+    assert dkv_sends == ((rank + 1 if rank < size - 1 else size - 1) if contiguous_causal and size > 1 else full)
     out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal, layout=layout, transport=transport)
     assert transport.hops == kv_sends and transport.pending == 0
     assert transport.bytes_sent == kv_sends * 2 * k.nbytes
     mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=causal, layout=layout, transport=transport)
-    assert transport.hops == 2 * kv_sends + (size if size > 1 else 0) and transport.pending == 0
+    assert transport.hops == 2 * kv_sends + dkv_sends and transport.pending == 0
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
     """Packed documents: a K/V block travels only as far as a rank whose queries share a
-    document with it, and the results still match the oracle (receivers of nothing
-    compute nothing). Documents on rank boundaries (contiguous): no K/V moves at all."""
+    document with it, its dK/dV one hop further (home), and the results still match the
+    oracle (receivers of nothing compute nothing). Documents on rank boundaries
+    (contiguous): nothing moves at all, forward or backward."""
     size = comm.Get_size()
     s_local, total = 8, 8 * size
     rng = np.random.default_rng(seed)
@@ -64,10 +73,10 @@ def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
         transport = MpiHostTransport(mpiring.api.private_comm(comm))
         opts = dict(causal=True, layout=layout, cu_seqlens=cu)
         out, lse = mpiring.ring_attention(shard(q), shard(k), shard(v), comm, transport=transport, **opts)
-        kv_sends = _expected_kv_sends(comm, layout, True, s_local, cu)
+        kv_sends, dkv_sends = _expected_sends(comm, layout, True, s_local, cu)
         assert transport.hops == kv_sends
         if layout == "contiguous" and per_rank:
-            assert kv_sends == 0
+            assert kv_sends == dkv_sends == 0
         ref, _ = mpiring.attention_reference(q, k, v, causal=True, cu_seqlens=cu)
         np.testing.assert_allclose(out, shard(ref), rtol=1e-10, atol=1e-12)
         grads = mpiring.ring_attention_backward(shard(do), shard(q), shard(k), shard(v), out, lse, comm,
@@ -75,7 +84,7 @@ def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
         refs = mpiring.attention_reference_backward(do, q, k, v, causal=True, cu_seqlens=cu)
         for g, r in zip(grads, refs):
             np.testing.assert_allclose(g, shard(r), rtol=1e-9, atol=1e-12)
-        assert transport.pending == 0
+        assert transport.hops == 2 * kv_sends + dkv_sends and transport.pending == 0
 
 
 def test_skipped_steps_do_no_compute(comm, seed, monkeypatch):

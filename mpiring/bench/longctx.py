@@ -17,10 +17,13 @@ CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its nam
   all ranks and on one; verified by running it (windowed, as above) and by a run 10 %
   larger that must raise MemoryError.
 * ``varlen`` (``--varlen TOKENS``): causal attention over packed random documents
-  (``cu_seqlens``) against one sequence of the same total length; TF/s count the
-  documents' own work (Σ length²), so ``ratio`` compares useful throughput; ``balance``
-  (:func:`step_balance`) says how evenly ``--layout`` spreads the documents over the
-  ranks and ring steps (zigzag balances one causal sequence, striped any documents).
+  (``cu_seqlens``) against one sequence of the same total length (``--fixed-layout``,
+  default ``--layout``); TF/s count the documents' own work (Σ length²), so ``ratio``
+  compares useful throughput; ``balance`` (:func:`step_balance`) says how evenly
+  ``--layout`` spreads the documents over the ranks and ring steps (zigzag balances one
+  causal sequence, striped any documents). ``--pack`` orders the same documents with
+  :func:`mpiring.layout.pack_documents` (for ``--layout contiguous``: documents stay on
+  their ranks, ``rank_balance`` = max/mean of :func:`mpiring.layout.rank_work`).
 * ``timeline`` (``--timeline TOKENS``): one forward+backward ring call per transport;
   per exchange, the compute it overlaps and the transfer (see ``step_times`` of the GPU
   transports; on the host, the time from post to wait and the wait itself).
@@ -61,6 +64,10 @@ def add_arguments(p) -> None:
     p.add_argument("--heads-kv", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--layout", default="zigzag")
+    p.add_argument("--fixed-layout", default=None,
+                   help="layout of the varlen rows' fixed-length side (default: --layout; zigzag is the balanced one)")
+    p.add_argument("--pack", action="store_true",
+                   help="varlen: order the documents with mpiring.layout.pack_documents (for --layout contiguous)")
     p.add_argument("--dq", default="deterministic", choices=("deterministic", "atomic"),
                    help="the varlen rows' backward dQ (both sides of the ratio): ordered adds (the default) or atomics")
     p.add_argument("--cpu", action="store_true", help="NumPy arrays (also where a GPU is present)")
@@ -315,8 +322,13 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
     total = seqlen * size
     count = args.documents or 4 * size
     cu = _documents(total, count)
+    if args.pack:  # the same documents, in the order that evens out contiguous ranks' work
+        cu = mpiring.layout.pack_documents(np.diff(cu), size)[1]
+    fixed_layout = args.fixed_layout or args.layout
     useful = float((np.diff(cu).astype(float) ** 2).sum()) / total**2
     balance = step_balance(args.layout, size, seqlen, cu)
+    work = mpiring.layout.rank_work(cu, size) if args.layout == "contiguous" else None
+    rank_balance = None if work is None else float(work.max() / work.mean())
     ring_transport = None if size == 1 else chosen_transport(_kind(xp), comm)
     arrays = _inputs(xp, seqlen, args, dtype)
     backend = type(backend_for(xp, dtype=np.dtype(dtype), head_dim=args.head_dim,
@@ -325,22 +337,23 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
     for mode in ("fwd", "fwd+bwd"):
         flops = attention_flops(1, total, total, args.heads, args.head_dim, causal=True, mode=mode) / size
 
-        def call(mode=mode, **options):
-            return lambda: _run(comm, arrays, mode, causal=True, layout=args.layout,
+        def call(mode=mode, layout=args.layout, **options):
+            return lambda: _run(comm, arrays, mode, causal=True, layout=layout,
                                 deterministic=args.dq == "deterministic", **options)
 
         # Throughput (the issue's measure): calls back to back, one synchronisation; fixed and
         # varlen in turns, 3 times each (median), after a heating phase, so that both run at
         # the clocks of a GPU at its power cap. Latency: the median of 3 single synchronised
         # calls (host work before the first kernel included).
-        fns = {"fixed": call(), "varlen": call(cu_seqlens=cu)}
+        fns = {"fixed": call(layout=fixed_layout), "varlen": call(cu_seqlens=cu)}
         heat(list(fns.values()), 2.0, sync=lambda: _sync(xp), agree=lambda n: comm.allreduce(n, op=MPI.MAX))
         rates = {name: [] for name in fns}
         for r in range(3):
             for name in (("fixed", "varlen") if r % 2 == 0 else ("varlen", "fixed")):
                 rates[name].append(_throughput(comm, xp, fns[name]))
         fixed, varlen = (sorted(rates[name])[1] for name in ("fixed", "varlen"))
-        fixed_lat, varlen_lat = (_timed(comm, xp, call(**o), repeat=3) for o in ({}, {"cu_seqlens": cu}))
+        fixed_lat, varlen_lat = (_timed(comm, xp, call(**o), repeat=3)
+                                 for o in ({"layout": fixed_layout}, {"cu_seqlens": cu}))
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
         rows.append(make_row(
             **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
@@ -348,12 +361,15 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="throughput",
             latency_s=varlen_lat, fixed_latency_s=fixed_lat, latency_ratio=useful * fixed_lat / varlen_lat,
             varlen_backend=backend, balance=balance, dq=args.dq, ring_transport=ring_transport,
+            fixed_layout=fixed_layout, packed=bool(args.pack), rank_balance=rank_balance,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
                    f"per GPU (useful work, calls back to back), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
                    f"{varlen * 1e3:.2f} vs {fixed * 1e3:.2f} ms per call, useful fraction {useful:.4f}; "
                    f"single synchronised calls: {varlen_lat * 1e3:.2f} vs {fixed_lat * 1e3:.2f} ms, "
-                   f"ratio {useful * fixed_lat / varlen_lat:.3f}; step balance ({args.layout}) {balance:.3f}")
+                   f"ratio {useful * fixed_lat / varlen_lat:.3f}; step balance ({args.layout}) {balance:.3f}"
+                   + ("" if rank_balance is None else f", rank work max/mean {rank_balance:.3f}")
+                   + f"; fixed layout {fixed_layout}" + (", documents packed" if args.pack else ""))
     return rows
 
 
@@ -390,8 +406,8 @@ class _HostTimed(Transport):
         super().__init__(inner.comm)
         self.inner, self.name, self.steps = inner, inner.name, []
 
-    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None):
-        ex = self.inner.post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free)
+    def _post(self, send, recv, *, tag, **options):
+        ex = self.inner.post(send, recv, tag=tag, **options)
         ex.stamps = [tag, time.perf_counter()]
         return ex
 

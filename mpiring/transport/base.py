@@ -1,11 +1,12 @@
 """The transport protocol: the ring loop's only view of communication.
 
 A ring step *posts* one exchange (send buffers to ``send_rank`` = rank+1,
-receive buffers from ``recv_rank`` = rank−1) before its compute and *waits*
-for it after. Each post is one hop of one message per send buffer; transports
-count hops and bytes so that tests can check the schedule (at most N−1 K/V hops
-forward, N−1 K/V + N dK/dV backward: a K/V block travels only as far as some rank
-has work with it, see ``mpiring.layout.kv_hops``).
+receive buffers from ``recv_rank`` = rank−1, unless the post names other peers: a
+dK/dV partial going home) before its compute and *waits* for it after. Each post is
+one hop of one message per send buffer; transports count hops and bytes so that
+tests can check the schedule (at most N−1 K/V hops forward, N−1 K/V + N dK/dV
+backward: a K/V block travels only as far as some rank has work with it, and its
+dK/dV partial one hop further, see ``mpiring.layout.kv_hops`` and ``dkv_plan``).
 
 GPU transports receive two readiness tokens from the backend: ``send_ready``
 (an event after which the send buffers hold their data) and ``recv_free`` (an
@@ -43,14 +44,22 @@ class Transport:
         self.bytes_sent = 0  # their bytes
         self._pending = 0
 
-    def post(self, send, recv, *, tag: int, send_ready=None, recv_free=None) -> Exchange:
+    def post(self, send, recv, *, tag: int, send_ready=None, recv_free=None, send_to=None,
+             recv_from=None) -> Exchange:
         """Send ``send`` (list of arrays) to rank+1 and receive ``recv`` from rank−1.
 
         Either list may be empty (a ring step whose block goes no further, or whose next
-        block is not needed here), not both; rank+1 posts the matching receives."""
+        block is not needed here), not both; rank+1 posts the matching receives.
+        ``send_to`` / ``recv_from``: one peer rank per buffer instead (same order); the
+        peers post the matching operations in their exchange of the same ring step."""
         if not (send or recv):
             raise ValueError("post needs a buffer to send or to receive")
-        exchange = self._post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free)
+        send_to = [self.send_rank] * len(send) if send_to is None else [int(r) for r in send_to]
+        recv_from = [self.recv_rank] * len(recv) if recv_from is None else [int(r) for r in recv_from]
+        if len(send_to) != len(send) or len(recv_from) != len(recv):
+            raise ValueError("send_to/recv_from need one peer rank per buffer")
+        exchange = self._post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free,
+                              send_to=send_to, recv_from=recv_from)
         self.hops += len(send)
         self.bytes_sent += sum(int(buf.nbytes) for buf in send)
         self._pending += 1
@@ -73,7 +82,7 @@ class Transport:
         """Exchanges posted and not yet waited (0 after every complete ring call)."""
         return self._pending
 
-    def _post(self, send, recv, *, tag, send_ready, recv_free) -> Exchange:  # pragma: no cover
+    def _post(self, send, recv, *, tag, send_ready, recv_free, send_to, recv_from) -> Exchange:  # pragma: no cover
         raise NotImplementedError
 
     def _wait(self, exchange: Exchange, deadline: float | None) -> None:  # pragma: no cover

@@ -35,18 +35,18 @@ class MpiCudaTransport(GpuTransport):
 
     name = "mpi-cuda"
 
-    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None) -> GpuExchange:
+    def _post(self, send, recv, *, tag, send_ready, recv_free, send_to, recv_from) -> GpuExchange:
         self.check_buffers((*send, *recv))
         for event in (send_ready, recv_free):
             if event is not None:
                 event.synchronize()
         reqs = [
-            self.comm.Irecv([view[lo:hi], MPI.BYTE], source=self.recv_rank, tag=tag)
-            for view in map(device_bytes, recv) for lo, hi in byte_pieces(view.size, _MAX_MESSAGE)
+            self.comm.Irecv([view[lo:hi], MPI.BYTE], source=src, tag=tag)
+            for view, src in zip(map(device_bytes, recv), recv_from) for lo, hi in byte_pieces(view.size, _MAX_MESSAGE)
         ]
         reqs += [
-            self.comm.Isend([view[lo:hi], MPI.BYTE], dest=self.send_rank, tag=tag)
-            for view in map(device_bytes, send) for lo, hi in byte_pieces(view.size, _MAX_MESSAGE)
+            self.comm.Isend([view[lo:hi], MPI.BYTE], dest=dst, tag=tag)
+            for view, dst in zip(map(device_bytes, send), send_to) for lo, hi in byte_pieces(view.size, _MAX_MESSAGE)
         ]
         ex = GpuExchange(requests=reqs)
         self._mark_post(ex, tag, comm_start=self.wtime())

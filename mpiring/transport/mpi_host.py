@@ -21,12 +21,12 @@ class MpiHostTransport(Transport):
 
     name = "mpi-host"
 
-    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None) -> Exchange:
+    def _post(self, send, recv, *, tag, send_ready, recv_free, send_to, recv_from) -> Exchange:
         for buf in (*send, *recv):
             if not buf.flags.c_contiguous:
                 raise ValueError("transport buffers must be C-contiguous")
-        reqs = [self.comm.Irecv(byte_view(r), source=self.recv_rank, tag=tag) for r in recv]
-        reqs += [self.comm.Isend(byte_view(s), dest=self.send_rank, tag=tag) for s in send]
+        reqs = [self.comm.Irecv(byte_view(r), source=src, tag=tag) for r, src in zip(recv, recv_from)]
+        reqs += [self.comm.Isend(byte_view(s), dest=dst, tag=tag) for s, dst in zip(send, send_to)]
         return Exchange(requests=reqs)
 
     def _wait(self, exchange: Exchange, deadline: float | None) -> None:

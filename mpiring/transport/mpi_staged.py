@@ -63,7 +63,7 @@ class MpiStagedTransport(GpuTransport):
         self._free.setdefault(host.size, []).append((host, busy_until))
 
     # --- the exchange -------------------------------------------------------------------
-    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None) -> GpuExchange:
+    def _post(self, send, recv, *, tag, send_ready, recv_free, send_to, recv_from) -> GpuExchange:
         self.check_buffers((*send, *recv))
         rt = self.cupy.cuda.runtime
         ex = GpuExchange()
@@ -72,7 +72,7 @@ class MpiStagedTransport(GpuTransport):
                   recv_chunks=[], recv_reqs=[], hosts_send=[], hosts_recv=[], complete=False)
         if send_ready is not None:
             self.d2h_stream.wait_event(send_ready)
-        for buf in send:
+        for buf, dest in zip(send, send_to):
             dev = device_bytes(buf)
             host = self._acquire(dev.size)
             st["hosts_send"].append(host)
@@ -80,13 +80,13 @@ class MpiStagedTransport(GpuTransport):
                 if hi > lo:
                     rt.memcpyAsync(host.ctypes.data + lo, dev.data.ptr + lo, hi - lo,
                                    rt.memcpyDeviceToHost, self.d2h_stream.ptr)
-                st["to_send"].append((self._event(self.d2h_stream, timing=False), host[lo:hi]))
-        for buf in recv:
+                st["to_send"].append((self._event(self.d2h_stream, timing=False), host[lo:hi], dest))
+        for buf, source in zip(recv, recv_from):
             dev = device_bytes(buf)
             host = self._acquire(dev.size)
             st["hosts_recv"].append(host)
             for lo, hi in byte_pieces(dev.size, self.chunk_bytes):
-                st["recv_reqs"].append(self.comm.Irecv([host[lo:hi], MPI.BYTE], source=self.recv_rank, tag=tag))
+                st["recv_reqs"].append(self.comm.Irecv([host[lo:hi], MPI.BYTE], source=source, tag=tag))
                 st["recv_chunks"].append((dev, host, lo, hi))
         st["recv_left"] = len(st["recv_reqs"])
         self._inflight.append(ex)
@@ -101,8 +101,8 @@ class MpiStagedTransport(GpuTransport):
             return True
         to_send = st["to_send"]
         while to_send and to_send[0][0].done:  # in order: MPI matches chunks in posting order
-            _, piece = to_send.popleft()
-            st["send_reqs"].append(self.comm.Isend([piece, MPI.BYTE], dest=self.send_rank, tag=st["tag"]))
+            _, piece, dest = to_send.popleft()
+            st["send_reqs"].append(self.comm.Isend([piece, MPI.BYTE], dest=dest, tag=st["tag"]))
         if st["recv_left"]:
             for i in MPI.Request.Testsome(st["recv_reqs"]) or ():
                 self._copy_in(st, *st["recv_chunks"][i])

@@ -3,7 +3,7 @@
 The NCCL communicator is made from the MPI communicator (rank 0's unique id broadcast
 over MPI) once per communicator and device, and cached (see
 :func:`mpiring.transport.gpu.select_gpu_transport`). Each exchange is one NCCL group
-(send to rank+1, receive from rank−1) on a high-priority communication stream:
+(send to rank+1, receive from rank−1, or the peers the post names) on a high-priority communication stream:
 
 * the communication stream waits on ``send_ready`` and ``recv_free`` (events of the
   compute stream), so the send reads finished data and the receive never overwrites a
@@ -88,7 +88,7 @@ class NcclTransport(GpuTransport):
                 del os.environ["NCCL_MAX_NCHANNELS"]
         self.channels = channels if capped else None  # None: NCCL's (or the user's) choice
 
-    def _post(self, send, recv, *, tag, send_ready=None, recv_free=None) -> GpuExchange:
+    def _post(self, send, recv, *, tag, send_ready, recv_free, send_to, recv_from) -> GpuExchange:
         self.check_buffers((*send, *recv))
         stream, nccl = self.stream, self._nccl
         for event in (send_ready, recv_free):
@@ -100,12 +100,12 @@ class NcclTransport(GpuTransport):
         # NCCL matches sends and receives in issue order per peer.
         nccl.groupStart()
         try:
-            for buf in send:
+            for buf, peer in zip(send, send_to):
                 view = device_bytes(buf)
-                self.nccl_comm.send(view.data.ptr, view.size, nccl.NCCL_INT8, self.send_rank, stream.ptr)
-            for buf in recv:
+                self.nccl_comm.send(view.data.ptr, view.size, nccl.NCCL_INT8, peer, stream.ptr)
+            for buf, peer in zip(recv, recv_from):
                 view = device_bytes(buf)
-                self.nccl_comm.recv(view.data.ptr, view.size, nccl.NCCL_INT8, self.recv_rank, stream.ptr)
+                self.nccl_comm.recv(view.data.ptr, view.size, nccl.NCCL_INT8, peer, stream.ptr)
         finally:
             nccl.groupEnd()
         ex.event = self._event(stream, timing=timing)
