@@ -550,4 +550,6 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
             tr.wait(ex_kv, timeout=call.timeout)
     if ex_dkv is not None:
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
+    if plan.final_add is not None:  # the other ranks' sum, added to our own contribution
+        dkv[plan.home] += dkv[plan.final_add]
     return be.bwd_end(state, dkv[plan.home], k.dtype)

@@ -298,6 +298,7 @@ class DkvPlan:
     steps: tuple[DkvStep, ...]
     buffers: int  # distinct dK/dV buffers the rank allocates
     home: int  # the buffer that ends holding the rank's own block's dK/dV
+    final_add: int | None = None  # the others' sum that came home, added into ``home`` at the end
 
 
 def dkv_plan(schedules, rank: int) -> DkvPlan:
@@ -307,16 +308,23 @@ def dkv_plan(schedules, rank: int) -> DkvPlan:
     Block b's partial sum follows its K/V block: rank b+s adds its contribution at step s
     to the sum that came from rank b+s−1 (summation order fixed by the ring, never by
     arrival) and passes it on to rank b+s+1 while the block goes further; the last rank
-    on the path, b+reach[b], sends it straight home to b (the ring's next hop when the
-    block went all the way round). A block that stays home moves no dK/dV at all.
+    on the path, b+reach[b], sends it straight home to b (on a full ring, the ring's next
+    hop). Where no block goes more than one hop (packed documents that span at most two
+    ranks), b keeps its own contribution at home instead: b+1's partial alone goes
+    there and back, and b adds it to its own at the end (one transfer less, and none
+    right after step 0). A block that stays home moves no dK/dV at all.
 
     Exchange s (after step s's compute) carries at most one dK/dV message per pair of
     ranks, and every rank issues its exchanges in the same order (NCCL matches by order).
     Buffers are reused once free (a sent one after its exchange completed, an added one
-    at once): 3 for a full ring (computed into, in flight, arriving), as before; a block
-    whose partial comes home early can need a fourth (:attr:`DkvPlan.buffers`).
+    at once): 3 for a full ring (computed into, in flight, arriving), as before; paths of
+    different lengths can need a fourth (:attr:`DkvPlan.buffers`).
     """
     size, reach = len(schedules), block_reach(schedules)
+    # b keeps its own contribution where every block goes at most one hop (documents that
+    # span two ranks at most): then that costs no buffer, elsewhere it could cost two.
+    short = size > 2 and max(reach) == 1
+    keeps = [short and reach[b] == 1 for b in range(size)]
     free: list[int] = []
     used = [0]  # buffers created so far
     steps = []
@@ -329,12 +337,12 @@ def dkv_plan(schedules, rank: int) -> DkvPlan:
 
     arriving = None  # the partial received in the previous exchange (for this step's block)
     in_flight = None  # the buffer sent in the previous exchange (free once it completes)
-    home = None
+    home = final_add = None
     for s in range(size):
         b = (rank - s) % size
         compute, zero, add, send = None, False, None, None
         on_path = s == 0 or reach[b] >= s
-        if on_path and (s == 0 or schedules[rank][s]):
+        if on_path and (s == 0 or schedules[rank][s] or arriving is None):
             compute, zero = take()  # (a rank on the path without work forwards what came)
         if in_flight is not None:
             free.append(in_flight)  # the exchange is waited before the add
@@ -345,22 +353,27 @@ def dkv_plan(schedules, rank: int) -> DkvPlan:
             elif arriving is not None:
                 add, arriving = arriving, None
                 free.append(add)
-            if reach[b] > s:
+            if s == 0 and (reach[b] == 0 or keeps[b]):
+                home = compute  # complete here, or waiting for the others' sum to come home
+            elif reach[b] > s:
                 send = (compute, (rank + 1) % size)
-            elif s >= 1:
-                send = (compute, b)
             else:
-                home = compute  # the own block goes nowhere: its dK/dV is complete here
+                send = (compute, b)
             in_flight = None if send is None else compute
         recv = []
-        if s < size - 1 and reach[(rank - 1 - s) % size] > s:
+        ahead = (rank - 1 - s) % size  # the block rank−1 holds at step s
+        if s < size - 1 and reach[ahead] > s and not (s == 0 and keeps[ahead]):
             arriving, _ = take()
             recv.append((arriving, (rank - 1) % size))
         if s >= 1 and reach[rank] == s:
-            home, _ = take()
-            recv.append((home, (rank + s) % size))
+            back, _ = take()
+            recv.append((back, (rank + s) % size))
+            if keeps[rank]:
+                final_add = back
+            else:
+                home = back
         steps.append(DkvStep(compute, zero, add, send, tuple(recv)))
-    return DkvPlan(tuple(steps), used[0], home)
+    return DkvPlan(tuple(steps), used[0], home, final_add)
 
 
 def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:

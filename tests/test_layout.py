@@ -185,6 +185,9 @@ def _run_dkv_plans(schedules, transfer_at_post: bool):
         if transfer_at_post:
             move()
     move()
+    for r, plan in enumerate(plans):
+        if plan.final_add is not None:
+            bufs[r][plan.home] = bufs[r][plan.home] + bufs[r][plan.final_add]
     return [bufs[r][p.home] for r, p in enumerate(plans)], [p.buffers for p in plans]
 
 

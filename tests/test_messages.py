@@ -11,7 +11,8 @@ def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None):
     """(K/V, dK/dV) messages this rank sends, from brute force over positions: block b
     goes on from rank b+s (step s) while a rank further along, b+s+1 … b+N−1, attends to
     it; its dK/dV partial goes with it, and from the last rank that attends to it (if
-    not b itself) straight home to b."""
+    not b itself) straight home to b; where no block goes more than one hop, b keeps its
+    own part and only b+1's goes there and back."""
     size, rank = comm.Get_size(), comm.Get_rank()
     pos = [mpiring.layout.positions(layout, r, size, seqlen_local) for r in range(size)]
     doc = None if cu_seqlens is None else (lambda p: np.searchsorted(cu_seqlens, p, side="right"))
@@ -26,8 +27,11 @@ def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None):
     def last(b):  # hops to the last rank that attends to block b (0: none but b, or none)
         return max([t for t in range(size) if sees((b + t) % size, b)], default=0)
 
-    kv = sum(last((rank - s) % size) > s for s in range(size - 1))
-    dkv = sum(last((rank - s) % size) >= max(s, 1) for s in range(size))
+    reach = [last(b) for b in range(size)]
+    kv = sum(reach[(rank - s) % size] > s for s in range(size - 1))
+    # With no block going further than one hop, its owner keeps its own part (no send at step 0)
+    short = size > 2 and max(reach) == 1
+    dkv = sum(reach[(rank - s) % size] >= max(s, 1) and not (s == 0 and short) for s in range(size))
     return kv, dkv
 
 
@@ -67,6 +71,8 @@ def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
     cases = [(np.arange(0, total + 1, s_local), True)]  # one document per rank (contiguous: stays home)
     inner = np.sort(rng.choice(np.arange(1, total), size=min(3, total - 1), replace=False))
     cases.append((np.concatenate([[0], inner, [total]]), False))  # random boundaries
+    # every document spans two ranks: each block goes one hop, its owner keeps its own part
+    cases.append((np.concatenate([[0], np.arange(size) * s_local + s_local // 2, [total]]), False))
     for cu, per_rank in cases:
         q, k, v, do = (rng.standard_normal((1, total, 2, 4)) for _ in range(4))
         shard = lambda x: mpiring.shard(x, comm, layout=layout)  # noqa: E731
