@@ -114,6 +114,7 @@ def run(args) -> int:
     peers = None if args.no_peers else _torch_peers()
     card = card_name()
     rows, table = [], []
+    path = args.out or f"bench/results/kernel-{card.replace(' ', '_')}-{today()}.json"
     print(f"# {card}; peers: {'torch ' + peers[0].__version__ if peers else 'none'}", flush=True)
     for dname in args.dtypes.split(","):
         dtype = _np_dtype(dname)
@@ -131,8 +132,7 @@ def run(args) -> int:
                 q, k, v, do = (rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(4))
                 for causal in (bool(int(c)) for c in args.causal.split(",")):
                     rows += _one(args, comm, mpiring, peers, card, dname, q, k, v, do, causal, table)
-    path = args.out or f"bench/results/kernel-{card.replace(' ', '_')}-{today()}.json"
-    write_rows(path, rows)
+                write_rows(path, rows)  # after each size: a job cut short keeps what it measured
     print(f"# wrote {len(rows)} rows to {path}")
     print(f"{'dtype':5} {'d':>4} {'seqlen':>6} {'causal':>6} {'pass':>7} {'TF/s':>7} {'FLASH':>7} {'ratio':>6}"
           f" {'cuDNN':>7}")

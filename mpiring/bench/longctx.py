@@ -26,7 +26,8 @@ CPU (NumPy arrays, ``--cpu``). Each part writes result rows (``bench`` = its nam
   their ranks, ``rank_balance`` = max/mean of :func:`mpiring.layout.rank_work`).
 * ``timeline`` (``--timeline TOKENS``): one forward+backward ring call per transport;
   per exchange, the compute it overlaps and the transfer (see ``step_times`` of the GPU
-  transports; on the host, the time from post to wait and the wait itself).
+  transports; on the host, the time from post to wait and the wait itself). With
+  ``--documents N`` (and ``--pack``) over packed documents, every rank's steps.
 
 ``--plot DIR`` writes the figures of :mod:`mpiring.bench.plots` from the rows.
 """
@@ -186,6 +187,21 @@ def _timed(comm, xp, fn, repeat: int = 1) -> float:
         fn()
         _sync(xp)
         times.append(time.perf_counter() - start)
+    return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
+
+
+def _host_time(comm, xp, fn, repeat: int = 3) -> float:
+    """Slowest rank's median seconds until ``fn()`` returns, from an idle GPU: the host's
+    work per call (queueing kernels, validation, the ring loop), which bounds the rate of
+    calls back to back when it exceeds their GPU time."""
+    times = []
+    for _ in range(repeat):
+        _sync(xp)
+        comm.Barrier()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        _sync(xp)
     return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
 
 
@@ -354,6 +370,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
         fixed, varlen = (sorted(rates[name])[1] for name in ("fixed", "varlen"))
         fixed_lat, varlen_lat = (_timed(comm, xp, call(**o), repeat=3)
                                  for o in ({"layout": fixed_layout}, {"cu_seqlens": cu}))
+        host = _host_time(comm, xp, fns["varlen"])
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
         rows.append(make_row(
             **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
@@ -361,7 +378,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="throughput",
             latency_s=varlen_lat, fixed_latency_s=fixed_lat, latency_ratio=useful * fixed_lat / varlen_lat,
             varlen_backend=backend, balance=balance, dq=args.dq, ring_transport=ring_transport,
-            fixed_layout=fixed_layout, packed=bool(args.pack), rank_balance=rank_balance,
+            fixed_layout=fixed_layout, packed=bool(args.pack), rank_balance=rank_balance, host_s=host,
         ))
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
                    f"per GPU (useful work, calls back to back), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
@@ -369,7 +386,8 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
                    f"single synchronised calls: {varlen_lat * 1e3:.2f} vs {fixed_lat * 1e3:.2f} ms, "
                    f"ratio {useful * fixed_lat / varlen_lat:.3f}; step balance ({args.layout}) {balance:.3f}"
                    + ("" if rank_balance is None else f", rank work max/mean {rank_balance:.3f}")
-                   + f"; fixed layout {fixed_layout}" + (", documents packed" if args.pack else ""))
+                   + f"; fixed layout {fixed_layout}" + (", documents packed" if args.pack else "")
+                   + f"; host time per varlen call {host * 1e3:.2f} ms")
     return rows
 
 
@@ -423,13 +441,20 @@ def timeline_rows(comm, xp, args, dtype, common) -> list[dict]:
 
     seqlen, size = args.timeline, comm.Get_size()
     arrays = _inputs(xp, seqlen, args, dtype)
+    cu = None
+    if args.documents:  # packed documents (as the varlen rows have them); every rank's steps differ
+        cu = _documents(seqlen * size, args.documents)
+        if args.pack:
+            cu = mpiring.layout.pack_documents(np.diff(cu), size)[1]
+    options = {} if cu is None else {"cu_seqlens": cu}
     names = ["mpi-host"] if xp is np else [t for t in args.transports.split(",") if t]
     rows = []
     for name in names:
         tr = select_transport(name, comm.Dup(), xp)
         if xp is np:
             tr = _HostTimed(tr)
-        run = lambda tr=tr: _run(comm, arrays, "fwd+bwd", causal=True, layout=args.layout, transport=tr)  # noqa: E731
+        run = lambda tr=tr: _run(comm, arrays, "fwd+bwd", causal=True, layout=args.layout,  # noqa: E731
+                                 transport=tr, **options)
         if xp is np:
             run()
             tr.steps.clear()
@@ -443,15 +468,21 @@ def timeline_rows(comm, xp, args, dtype, common) -> list[dict]:
         # the slowest rank's steps (rank 0's order: all ranks run the same schedule length)
         per_rank = comm.allgather(steps)
         slowest = max(per_rank, key=lambda s: sum(x["compute_s"] + x["comm_s"] for x in s))
-        timeline = [{"kind": "kv" if s["tag"] == _TAG_KV else "dkv", "compute_ms": 1e3 * s["compute_s"],
+        def table(steps):
+            return [{"kind": "kv" if s["tag"] == _TAG_KV else "dkv", "compute_ms": 1e3 * s["compute_s"],
                      "comm_ms": 1e3 * s["comm_s"], "wait_ms": 1e3 * max(s["comm_s"] - s["compute_s"], 0.0)}
-                    for s in slowest]
+                    for s in steps]
+
+        timeline = table(slowest)
+        extra = {} if cu is None else {"documents": args.documents, "packed": bool(args.pack),
+                                       "steps_per_rank": [table(steps) for steps in per_rank]}
         rows.append(make_row(
             **common, bench="timeline", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=name,
-            **{"pass": "fwd+bwd"}, tflops_per_gpu=None, steps=timeline,
+            **{"pass": "fwd+bwd"}, tflops_per_gpu=None, steps=timeline, **extra,
         ))
-        _say(comm, f"timeline {name}: " + ", ".join(f"{s['kind']} {s['compute_ms']:.1f}/{s['comm_ms']:.1f} ms"
-                                                   for s in timeline))
+        for r, steps in enumerate([slowest] if cu is None else per_rank):
+            _say(comm, f"timeline {name}{'' if cu is None else f' rank {r}'}: "
+                       + ", ".join(f"{s['kind']} {s['compute_ms']:.2f}/{s['comm_ms']:.2f} ms" for s in table(steps)))
     return rows
 
 
