@@ -65,6 +65,44 @@ def test_nvrtc_compiles(nvrtc, kernel_file, head_dim, arch):
     assert "warning" not in log, log
 
 
+@pytest.mark.parametrize("dtype_entry", ["attn_fwd_bf16", "attn_fwd_f16_doc"])
+def test_nvrtc_compiles_wgmma_forward(nvrtc, dtype_entry):
+    """The forward's Hopper variant (FWD_WGMMA, sm_90a), with the launcher's options."""
+    code = cupy_._inline_header(cupy_.kernel_sources()["attention_fwd.cu"], cupy_.kernel_sources())
+    options = list(cupy_.compile_options("attention_fwd.cu", 128, wgmma=True))
+    assert "--gpu-architecture=sm_90a" in options
+    rc, log = _compile(nvrtc, "attention_fwd.cu", code, options)
+    assert rc == 0, f"{nvrtc.nvrtcGetErrorString(rc)}\n{log}"
+    assert "warning" not in log, log
+
+
+def test_wgmma_applies_only_where_it_can():
+    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")  # off unless MPIRING_WGMMA=1
+    import os
+
+    os.environ["MPIRING_WGMMA"] = "1"
+    try:
+        assert cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
+        assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="80")
+        assert not cupy_.wgmma_applies("attention_fwd.cu", 64, capability="90")
+        assert not cupy_.wgmma_applies("attention_bwd.cu", 128, capability="90")
+    finally:
+        del os.environ["MPIRING_WGMMA"]
+
+
+def test_wgmma_probe_compiles_for_sm90a(nvrtc):
+    """bench/wgmma_probe.py's warpgroup kernels (the groundwork for wgmma attention)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "wgmma_probe.py"
+    spec = importlib.util.spec_from_file_location("wgmma_probe", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    rc, log = _compile(nvrtc, "wgmma_probe.cu", probe.SOURCE, [f"--gpu-architecture={probe.ARCH}"])
+    assert rc == 0, f"{nvrtc.nvrtcGetErrorString(rc)}\n{log}"
+
+
 def test_nvrtc_reports_errors(nvrtc):
     """The check can fail: a broken kernel does not compile."""
     rc, log = _compile(nvrtc, "broken.cu", 'extern "C" __global__ void f() { undefined_name(); }', [])

@@ -1,0 +1,251 @@
+"""Hopper ``wgmma`` from Python, without a CUDA toolkit: does it compile, load and compute?
+
+The attention kernels use ``mma.sync`` because CuPy's ``RawModule`` compiles for ``sm_90``,
+and ``wgmma`` needs ``sm_90a``. This probe is the groundwork for a ``wgmma`` kernel: it
+
+1. compiles a small warpgroup kernel for ``sm_90a`` with NVRTC (CuPy's binding; CI
+   compiles the same source with the NVRTC wheel, ``tests/test_kernels_compile.py``), and
+   says which route loads it into CuPy (``RawModule`` with an arch option, or NVRTC →
+   cubin → Module);
+2. runs ``wgmma.mma_async`` m64n64k16 (bf16 in, fp32 out) on random data for each candidate
+   shared-memory arrangement of the no-swizzle ("interleave") canonical layouts and each
+   assignment of the descriptor's two byte offsets, and compares every element with NumPy:
+   * S = A·Bᵀ, A (64×16) and B (64×16) both K-major (the Q·Kᵀ of attention);
+   * O = P·V, P K-major, V (16×64) stored row-major (N-major; ``imm-trans-b`` = 1);
+   * O = P·V with P from registers (the accumulator-to-A-fragment path of attention's P).
+   The accumulator layout assumed for the check is mma.sync's m16n8 C layout per warp.
+
+Run on one GPU: ``python bench/wgmma_probe.py [--out rows.json]``; prints a table of which
+arrangements match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+SOURCE = r"""
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+// Each operand's shared buffer: 1 KB of data, padded to 10 KB so that a descriptor with the
+// wrong offsets (up to 8 core matrices of 1024 B apart) reads other bytes, not past the end.
+#define SPAD (5 * 1024)
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return (u32)__cvta_generic_to_shared(p);
+}
+// Descriptor: start address, leading and stride byte offsets (all >> 4), no swizzle.
+__device__ __forceinline__ u64 desc(const void* p, u32 lbo, u32 sbo) {
+  return (u64)((smem_addr(p) >> 4) & 0x3FFF) | ((u64)((lbo >> 4) & 0x3FFF) << 16) |
+         ((u64)((sbo >> 4) & 0x3FFF) << 32);
+}
+// Element (r, k) of a K-major R x 16 operand in 8x8 core matrices of 128 B (rows of 16 B):
+// mode 0: K-neighbour core matrices 128 B apart, R-neighbours 256 B; mode 1: R-neighbours
+// 128 B apart, K-neighbours (R/8)*128 B.
+__device__ __forceinline__ int kmajor_off(int r, int k, int R, int mode) {
+  const int rc = r / 8, kc = k / 8, inner = (r % 8) * 8 + (k % 8);
+  const int core = mode == 0 ? rc * 2 + kc : kc * (R / 8) + rc;
+  return core * 64 + inner;  // in elements
+}
+// Element (k, n) of an N-major 16 x 64 operand (V row-major): core matrices of 8 k x 8 n,
+// each k-row 16 B of 8 consecutive n. mode 0: K-neighbours 128 B apart, N-neighbours 256 B;
+// mode 1: N-neighbours 128 B, K-neighbours 1024 B.
+__device__ __forceinline__ int nmajor_off(int k, int n, int mode) {
+  const int kc = k / 8, nc = n / 8, inner = (k % 8) * 8 + (n % 8);
+  const int core = mode == 0 ? nc * 2 + kc : kc * 8 + nc;
+  return core * 64 + inner;
+}
+
+#define WG_FENCE() asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")
+#define WG_COMMIT() asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory")
+#define WG_WAIT0() asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory")
+
+#define D32 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),      \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),    \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// mma.sync's C layout per warp: rows w*16 + lane/4 (+8), columns j*8 + (lane%4)*2 (+1).
+__device__ __forceinline__ void store_acc(float* D, const float* d) {
+  const int t = threadIdx.x, w = t / 32, l = t % 32;
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = w * 16 + l / 4 + (e >= 2 ? 8 : 0), col = j * 8 + (l % 4) * 2 + (e & 1);
+      D[row * 64 + col] = d[j * 4 + e];
+    }
+}
+
+// S = A * B^T: A 64x16 and B 64x16 row-major in global memory, both K-major in shared.
+extern "C" __global__ void __launch_bounds__(128) probe_ss(const u16* A, const u16* B, float* D, int mode,
+                                                           int a_lbo, int a_sbo, int b_lbo, int b_sbo) {
+  __shared__ __align__(128) u16 sA[SPAD];
+  __shared__ __align__(128) u16 sB[SPAD];
+  for (int i = threadIdx.x; i < 64 * 16; i += 128) {
+    const int r = i / 16, k = i % 16;
+    sA[kmajor_off(r, k, 64, mode)] = A[i];
+    sB[kmajor_off(r, k, 64, mode)] = B[i];
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  const u64 da = desc(sA, a_lbo, a_sbo), db = desc(sB, b_lbo, b_sbo);
+  WG_FENCE();
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : D32 : "l"(da), "l"(db), "r"(0));
+  WG_COMMIT();
+  WG_WAIT0();
+  store_acc(D, d);
+}
+
+// O = P * V: P 64x16 (K-major, arrangement `pmode` with offsets p_lbo/p_sbo), V 16x64
+// row-major in global memory, N-major in shared (imm-trans-b = 1).
+extern "C" __global__ void __launch_bounds__(128) probe_sv(const u16* P, const u16* V, float* D, int pmode,
+                                                           int p_lbo, int p_sbo, int vmode, int v_lbo,
+                                                           int v_sbo) {
+  __shared__ __align__(128) u16 sP[SPAD];
+  __shared__ __align__(128) u16 sV[SPAD];
+  for (int i = threadIdx.x; i < 64 * 16; i += 128) {
+    sP[kmajor_off(i / 16, i % 16, 64, pmode)] = P[i];
+    sV[nmajor_off(i / 64, i % 64, vmode)] = V[i];
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  const u64 dp = desc(sP, p_lbo, p_sbo), dv = desc(sV, v_lbo, v_sbo);
+  WG_FENCE();
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, 1;\n}\n"
+               : D32 : "l"(dp), "l"(dv), "r"(0));
+  WG_COMMIT();
+  WG_WAIT0();
+  store_acc(D, d);
+}
+
+// O = P * V with P from registers in mma.sync's A-fragment layout (per warp 16 rows:
+// a0 = (l/4, 2(l%4)..+1), a1 = row +8, a2 = column +8, a3 = both), V as in probe_sv.
+extern "C" __global__ void __launch_bounds__(128) probe_rv(const u16* P, const u16* V, float* D, int vmode,
+                                                           int v_lbo, int v_sbo) {
+  __shared__ __align__(128) u16 sV[SPAD];
+  for (int i = threadIdx.x; i < 16 * 64; i += 128) sV[nmajor_off(i / 64, i % 64, vmode)] = V[i];
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const int t = threadIdx.x, w = t / 32, l = t % 32;
+  const int r0 = w * 16 + l / 4, c0 = (l % 4) * 2;
+  u32 a[4];
+  for (int e = 0; e < 4; ++e) {
+    const int r = r0 + ((e & 1) ? 8 : 0), c = c0 + ((e & 2) ? 8 : 0);
+    a[e] = (u32)P[r * 16 + c] | ((u32)P[r * 16 + c + 1] << 16);
+  }
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  const u64 dv = desc(sV, v_lbo, v_sbo);
+  WG_FENCE();
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32
+               ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+               : D32 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(dv), "r"(0));
+  WG_COMMIT();
+  WG_WAIT0();
+  store_acc(D, d);
+}
+"""
+
+ARCH = "sm_90a"
+# (mode, LBO, SBO) candidates: mode 0 puts K-neighbour core matrices 128 B apart, mode 1
+# the M/N-neighbours; each with both assignments of the two offsets.
+K_MAJOR = [(0, 128, 256), (0, 256, 128), (1, 128, 1024), (1, 1024, 128)]
+N_MAJOR = [(0, 128, 256), (0, 256, 128), (1, 128, 1024), (1, 1024, 128)]
+
+
+def load_module():
+    """The compiled module and the route that worked (tried in order)."""
+    import cupy
+
+    tried = []
+    try:
+        mod = cupy.RawModule(code=SOURCE, options=(f"--gpu-architecture={ARCH}",))
+        mod.get_function("probe_ss")
+        return mod, "cupy.RawModule(options=('--gpu-architecture=sm_90a',))", tried
+    except Exception as exc:  # noqa: BLE001 - report and try the next route
+        tried.append(f"RawModule with an arch option: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    from cupy_backends.cuda.libs import nvrtc
+
+    prog = nvrtc.createProgram(SOURCE, "wgmma_probe.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, [f"--gpu-architecture={ARCH}"])
+        cubin = nvrtc.getCUBIN(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    mod = cupy.cuda.function.Module()
+    mod.load(bytes(cubin))
+    return mod, "cupy_backends nvrtc -> cubin -> cupy.cuda.function.Module.load", tried
+
+
+def run(out: str | None) -> int:
+    import cupy
+    import ml_dtypes
+
+    mod, route, tried = load_module()
+    for t in tried:
+        print("# not this route:", t)
+    print("# loaded by:", route)
+    rng = np.random.default_rng(0)
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+
+    def dev(x):
+        return cupy.asarray(x.astype(bf16).view(np.uint16))
+
+    a, b = (rng.standard_normal((64, 16)).astype(bf16) for _ in range(2))
+    v = rng.standard_normal((16, 64)).astype(bf16)
+    ref_s = a.astype(np.float64) @ b.astype(np.float64).T
+    ref_o = a.astype(np.float64) @ v.astype(np.float64)
+    d = cupy.empty((64, 64), np.float32)
+    rows = []
+
+    def check(name, fn, args, ref, what):
+        d.fill(np.nan)
+        fn((1,), (128,), args)
+        got = cupy.asnumpy(d).astype(np.float64)
+        err = float(np.nanmax(np.abs(got - ref)) / np.abs(ref).max()) if np.isfinite(got).all() else float("inf")
+        same_values = bool(np.allclose(np.sort(got.ravel()), np.sort(ref.ravel()), rtol=1e-3, atol=1e-3))
+        rows.append({"gemm": name, "arrangement": what, "max_rel_err": err, "match": err < 1e-3,
+                     "same_values_other_places": same_values and not err < 1e-3})
+        print(f"{name:9} {what:38} max rel err {err:9.2e} {'MATCH' if err < 1e-3 else ''}"
+              f"{'  (right values, wrong places)' if rows[-1]['same_values_other_places'] else ''}")
+
+    ss, sv, rv = (mod.get_function(n) for n in ("probe_ss", "probe_sv", "probe_rv"))
+    for mode, lbo, sbo in K_MAJOR:
+        check("A*B^T", ss, (dev(a), dev(b), d, np.int32(mode), *np.int32([lbo, sbo, lbo, sbo])), ref_s,
+              f"K-major mode {mode}, LBO {lbo}, SBO {sbo}")
+    good = [r for r in rows if r["match"]]
+    pmode, plbo, psbo = K_MAJOR[[r["match"] for r in rows].index(True)] if good else K_MAJOR[0]
+    for mode, lbo, sbo in N_MAJOR:
+        check("P*V smem", sv, (dev(a), dev(v), d, *np.int32([pmode, plbo, psbo, mode, lbo, sbo])), ref_o,
+              f"V N-major mode {mode}, LBO {lbo}, SBO {sbo}")
+    for mode, lbo, sbo in N_MAJOR:
+        check("P*V regs", rv, (dev(a), dev(v), d, *np.int32([mode, lbo, sbo])), ref_o,
+              f"V N-major mode {mode}, LBO {lbo}, SBO {sbo}")
+    if out:
+        with open(out, "w") as f:
+            json.dump({"route": route, "not_routes": tried, "card": cupy.cuda.runtime.getDeviceProperties(0)["name"]
+                       .decode(), "rows": rows}, f, indent=1)
+    return 0 if any(r["match"] for r in rows) else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    return run(p.parse_args().out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
