@@ -12,7 +12,9 @@ and ``wgmma`` needs ``sm_90a``. This probe is the groundwork for a ``wgmma`` ker
    assignment of the descriptor's two byte offsets, and compares every element with NumPy:
    * S = A·Bᵀ, A (64×16) and B (64×16) both K-major (the Q·Kᵀ of attention);
    * O = P·V, P K-major, V (16×64) stored row-major (N-major; ``imm-trans-b`` = 1);
-   * O = P·V with P from registers (the accumulator-to-A-fragment path of attention's P).
+   * O = P·V with P from registers (the accumulator-to-A-fragment path of attention's P);
+   * the same with 128-byte-swizzled tiles: S = A·Bᵀ with K = 64 (k16 steps of +32 B inside
+     a swizzle atom), and O = P·V with V 64 keys × 128 (two 64-wide atom columns).
    The accumulator layout assumed for the check is mma.sync's m16n8 C layout per warp.
 
 Run on one GPU: ``python bench/wgmma_probe.py [--out rows.json]``; prints a table of which
@@ -157,6 +159,97 @@ extern "C" __global__ void __launch_bounds__(128) probe_rv(const u16* P, const u
   WG_WAIT0();
   store_acc(D, d);
 }
+
+// --- 128-byte swizzle (swizzle mode 1): atoms of 8 rows x 128 B, the 16-byte chunk j of
+// row r stored at chunk j ^ (r % 8); atoms 1024-byte aligned.
+__device__ __forceinline__ u64 desc_sw128(const void* p, u32 lbo, u32 sbo) {
+  return desc(p, lbo, sbo) | (1ull << 62);
+}
+// Element (r, k) of a K-major R x 64 tile (one atom column): 8-row atoms 1024 B apart.
+__device__ __forceinline__ int sw128_kmajor(int r, int k) {
+  return (r / 8) * 512 + (r % 8) * 64 + (((k / 8) ^ (r % 8)) * 8) + (k % 8);  // in elements
+}
+// Element (k, n) of an N-major 64 (k) x 128 (n) tile: two atom columns of 64 n, each 64 k
+// rows (8 atoms of 8 k-rows, 1024 B apart); atom columns `col_stride` elements apart.
+__device__ __forceinline__ int sw128_nmajor(int k, int n, int col_stride) {
+  return (n / 64) * col_stride + (k / 8) * 512 + (k % 8) * 64 + ((((n % 64) / 8) ^ (k % 8)) * 8) + (n % 8);
+}
+
+// S = A * B^T with K = 64 (four k16 steps inside one atom column: start + 32 B each),
+// A and B 64 x 64 row-major in global memory, 128B-swizzled K-major in shared memory.
+extern "C" __global__ void __launch_bounds__(128) probe_ss_sw(const u16* A, const u16* B, float* D, int lbo,
+                                                              int sbo, int kstep_bytes) {
+  __shared__ __align__(1024) u16 sA[64 * 64];
+  __shared__ __align__(1024) u16 sB[64 * 64];
+  for (int i = threadIdx.x; i < 64 * 64; i += 128) {
+    sA[sw128_kmajor(i / 64, i % 64)] = A[i];
+    sB[sw128_kmajor(i / 64, i % 64)] = B[i];
+  }
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  WG_FENCE();
+  for (int kk = 0; kk < 4; ++kk) {
+    const u64 da = desc_sw128((const char*)sA + kk * kstep_bytes, lbo, sbo);
+    const u64 db = desc_sw128((const char*)sB + kk * kstep_bytes, lbo, sbo);
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : D32 : "l"(da), "l"(db), "r"(kk));
+  }
+  WG_COMMIT();
+  WG_WAIT0();
+  store_acc(D, d);
+}
+
+#define F128 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),      \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),    \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),    \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),    \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),    \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),    \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define R64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, " \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, " \
+  "%60, %61, %62, %63}"
+
+// O = P * V with K = 64 keys, N = 128: P (64 x 64) from registers, V (64 x 128) row-major in
+// global memory, 128B-swizzled N-major in shared memory (two atom columns `col_stride`
+// elements apart); k-steps of 16 keys at start + kstep_bytes.
+extern "C" __global__ void __launch_bounds__(128) probe_rv_sw(const u16* P, const u16* V, float* D, int lbo,
+                                                              int sbo, int kstep_bytes, int col_stride) {
+  __shared__ __align__(1024) u16 sV[2 * 64 * 64 + 8192];
+  for (int i = threadIdx.x; i < 64 * 128; i += 128) sV[sw128_nmajor(i / 128, i % 128, col_stride)] = V[i];
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  const int t = threadIdx.x, w = t / 32, l = t % 32;
+  const int r0 = w * 16 + l / 4, c0 = (l % 4) * 2;
+  float d[64];
+  for (int i = 0; i < 64; ++i) d[i] = 0.f;
+  u32 a[4][4];
+  for (int kk = 0; kk < 4; ++kk)
+    for (int e = 0; e < 4; ++e) {
+      const int r = r0 + ((e & 1) ? 8 : 0), c = kk * 16 + c0 + ((e & 2) ? 8 : 0);
+      a[kk][e] = (u32)P[r * 64 + c] | ((u32)P[r * 64 + c + 1] << 16);
+    }
+  WG_FENCE();
+  for (int kk = 0; kk < 4; ++kk) {
+    const u64 dv = desc_sw128((const char*)sV + kk * kstep_bytes, lbo, sbo);
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " R64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : F128 : "r"(a[kk][0]), "r"(a[kk][1]), "r"(a[kk][2]), "r"(a[kk][3]), "l"(dv), "r"(kk));
+  }
+  WG_COMMIT();
+  WG_WAIT0();
+  for (int j = 0; j < 16; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = w * 16 + l / 4 + (e >= 2 ? 8 : 0), col = j * 8 + (l % 4) * 2 + (e & 1);
+      D[row * 128 + col] = d[j * 4 + e];
+    }
+}
 """
 
 ARCH = "sm_90a"
@@ -234,6 +327,28 @@ def run(out: str | None) -> int:
     for mode, lbo, sbo in N_MAJOR:
         check("P*V regs", rv, (dev(a), dev(v), d, *np.int32([mode, lbo, sbo])), ref_o,
               f"V N-major mode {mode}, LBO {lbo}, SBO {sbo}")
+    # 128-byte swizzle: (LBO, SBO, bytes per k16 step[, atom column stride in elements]).
+    a64, b64 = (rng.standard_normal((64, 64)).astype(bf16) for _ in range(2))
+    v128 = rng.standard_normal((64, 128)).astype(bf16)
+    ref_s64 = a64.astype(np.float64) @ b64.astype(np.float64).T
+    ref_o128 = a64.astype(np.float64) @ v128.astype(np.float64)
+    ss_sw, rv_sw = mod.get_function("probe_ss_sw"), mod.get_function("probe_rv_sw")
+    for lbo, sbo, step in [(16, 1024, 32), (1024, 16, 32)]:
+        check("A*B^T sw128", ss_sw, (dev(a64), dev(b64), d, *np.int32([lbo, sbo, step])), ref_s64,
+              f"K-major, LBO {lbo}, SBO {sbo}, k-step {step} B")
+    d128 = cupy.empty((64, 128), np.float32)
+    # (the last may read past the buffer: it runs last)
+    for lbo, sbo, step, col in [(8192, 1024, 2048, 4096), (16, 1024, 2048, 4096), (8192, 1024, 32, 4096),
+                                (1024, 8192, 2048, 4096)]:
+        d128.fill(np.nan)
+        rv_sw((1,), (128,), (dev(a64), dev(v128), d128, *np.int32([lbo, sbo, step, col])))
+        got = cupy.asnumpy(d128).astype(np.float64)
+        finite = np.isfinite(got).all()
+        err = float(np.abs(got - ref_o128).max() / np.abs(ref_o128).max()) if finite else float("inf")
+        what = f"V N-major, LBO {lbo}, SBO {sbo}, k-step {step} B, atom columns {2 * col} B apart"
+        rows.append({"gemm": "P*V regs sw128", "arrangement": what, "max_rel_err": err, "match": err < 1e-3,
+                     "same_values_other_places": False})
+        print(f"P*V sw128 {what:60} max rel err {err:9.2e} {'MATCH' if err < 1e-3 else ''}")
     if out:
         with open(out, "w") as f:
             json.dump({"route": route, "not_routes": tried, "card": cupy.cuda.runtime.getDeviceProperties(0)["name"]
