@@ -76,18 +76,18 @@ def test_nvrtc_compiles_wgmma_forward(nvrtc, dtype_entry):
     assert "warning" not in log, log
 
 
-def test_wgmma_applies_only_where_it_can():
-    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")  # off unless MPIRING_WGMMA=1
-    import os
-
-    os.environ["MPIRING_WGMMA"] = "1"
-    try:
-        assert cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
-        assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="80")
-        assert not cupy_.wgmma_applies("attention_fwd.cu", 64, capability="90")
-        assert not cupy_.wgmma_applies("attention_bwd.cu", 128, capability="90")
-    finally:
-        del os.environ["MPIRING_WGMMA"]
+def test_wgmma_applies_only_where_it_can(monkeypatch):
+    """Hopper (9.0), head_dim 128, the forward, no tile override; MPIRING_WGMMA=0 turns it off."""
+    monkeypatch.delenv("MPIRING_WGMMA", raising=False)
+    assert cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
+    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="80")
+    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="100")
+    assert not cupy_.wgmma_applies("attention_fwd.cu", 64, capability="90")
+    assert not cupy_.wgmma_applies("attention_bwd.cu", 128, capability="90")
+    other = {**cupy_.TILES, 128: {**cupy_.TILES[128], "fwd": (4, 2, 32)}}
+    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, other, capability="90")
+    monkeypatch.setenv("MPIRING_WGMMA", "0")
+    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
 
 
 def test_wgmma_probe_compiles_for_sm90a(nvrtc):

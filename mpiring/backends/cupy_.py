@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -75,15 +77,48 @@ def kernel_sources() -> dict[str, str]:
     return {p.name: p.read_text() for p in root.iterdir() if p.name.endswith((".cu", ".cuh"))}
 
 
-def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None) -> tuple[str, ...]:
-    """NVRTC options (defines) of one kernel file at one head dim."""
+def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None, wgmma: bool = False) -> tuple[str, ...]:
+    """NVRTC options (defines) of one kernel file at one head dim; ``wgmma``: the forward's
+    Hopper variant (:func:`wgmma_applies`), compiled for ``sm_90a``."""
     t = (tiles or TILES)[head_dim]
     opts = [f"-DHEAD_DIM={head_dim}"]
     if kernel_file == "attention_fwd.cu":
-        opts += [f"-DFWD_NW={t['fwd'][0]}", f"-DFWD_MI={t['fwd'][1]}", f"-DFWD_BN={t['fwd'][2]}"]
+        nw, mi, bn = WGMMA_FWD_TILES if wgmma else t["fwd"]
+        opts += [f"-DFWD_NW={nw}", f"-DFWD_MI={mi}", f"-DFWD_BN={bn}"]
+        if wgmma:
+            opts += ["-DFWD_WGMMA=1", f"-DFWD_WG_STAGES={wgmma_stages()}", "--gpu-architecture=sm_90a"]
     else:
         opts += [f"-DBWD_NW={t['bwd'][0]}", f"-DBWD_BM={t['bwd'][1]}", f"-DBWD_BN={t['bwd'][2]}"]
     return tuple(opts)
+
+
+# The wgmma forward's tiles (warps, m64 row blocks per warpgroup, keys): two warpgroups of
+# 64 query rows each, 128 keys per tile.
+WGMMA_FWD_TILES = (8, 1, 128)
+
+
+def wgmma_stages() -> int:
+    """K/V pipeline stages of the wgmma forward: ``MPIRING_WGMMA_STAGES`` (2 or 3; default 2)."""
+    return 3 if os.environ.get("MPIRING_WGMMA_STAGES", "2").strip() == "3" else 2
+
+
+def wgmma_applies(kernel_file: str, head_dim: int, tiles: dict | None = None, capability: str | None = None) -> bool:
+    """The forward on Hopper's warpgroup MMA (``wgmma``, ``mpiring/kernels/wgmma.cuh``):
+    compute capability 9.0, head_dim 128, no forward tile override (its tiles are
+    :data:`WGMMA_FWD_TILES`), unless ``MPIRING_WGMMA=0``. ``capability``: e.g. ``"90"``
+    (default: the current device's). Where CuPy's NVRTC can't build it, the mma.sync
+    forward runs instead (with a warning)."""
+    if kernel_file != "attention_fwd.cu" or head_dim != 128:
+        return False
+    if tiles is not None and tuple(tiles[head_dim]["fwd"]) != tuple(TILES[head_dim]["fwd"]):
+        return False
+    if os.environ.get("MPIRING_WGMMA", "1").strip() == "0":
+        return False
+    if capability is None:
+        import cupy
+
+        capability = cupy.cuda.Device().compute_capability
+    return capability == "90"
 
 
 def _inline_header(source: str, sources: dict[str, str]) -> str:
@@ -113,8 +148,30 @@ def _module(device_id: int, kernel_file: str, options: tuple[str, ...]):
         return cupy.RawModule(code=_inline_header(sources[kernel_file], sources), options=options)
 
 
+def _use_wgmma(device_id: int, kernel_file: str, head_dim: int, tiles=None) -> bool:
+    """:func:`wgmma_applies` on this device, and the wgmma forward compiles there."""
+    import cupy
+
+    if not wgmma_applies(kernel_file, head_dim, tiles, cupy.cuda.Device(device_id).compute_capability):
+        return False
+    return _wgmma_compiles(device_id, head_dim, wgmma_stages())
+
+
+@functools.cache
+def _wgmma_compiles(device_id: int, head_dim: int, stages: int) -> bool:
+    try:
+        _module(device_id, "attention_fwd.cu", compile_options("attention_fwd.cu", head_dim, wgmma=True))
+        return True
+    except Exception as exc:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: fall back, say so
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        warnings.warn(f"mpiring: the wgmma forward did not compile ({type(exc).__name__}: {first}); "
+                      "using the mma.sync forward", RuntimeWarning, stacklevel=2)
+        return False
+
+
 def _kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: int, tiles=None):
-    mod = _module(device_id, kernel_file, compile_options(kernel_file, head_dim, tiles))
+    wg = _use_wgmma(device_id, kernel_file, head_dim, tiles)
+    mod = _module(device_id, kernel_file, compile_options(kernel_file, head_dim, tiles, wgmma=wg))
     fn = mod.get_function(name)
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
@@ -311,13 +368,16 @@ class CudaKernelBackend:
         sk = kv[0].shape[1]
         if b * h * sq * sk == 0:
             return
-        nw, mi, bn = self._tiles(d)["fwd"]
+        wg = _use_wgmma(st.q.device.id, "attention_fwd.cu", d, self.tiles)
+        nw, mi, bn = WGMMA_FWD_TILES if wg else self._tiles(d)["fwd"]
         bm = 16 * mi * nw
         null = np.uint64(0)
         acc, m, l = (null, null, null) if st.acc is None else (st.acc, st.m, st.l)
         cu = self._cu(mask)
-        # Q; K, V double-buffered; each query row's allowed key positions (int2).
-        smem = (bm + 4 * bn) * (d + 8) * 2 + 8 * bm
+        # Q; K, V in 2 stages (3 with wgmma; rows padded by 8 for ldmatrix, wgmma's are not);
+        # each query row's allowed key positions (int2).
+        ld, stages = (d, wgmma_stages()) if wg else (d + 8, 2)
+        smem = (bm + 2 * stages * bn) * ld * 2 + 8 * bm
         args = (
             (st.q, kv[0], kv[1], acc, m, l, st.out, st.lse) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)),) + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk))

@@ -31,18 +31,37 @@
 #ifndef FWD_BN
 #define FWD_BN 64
 #endif
+// FWD_WGMMA=1 (sm_90a, head_dim 128): the two products on Hopper's warpgroup MMA
+// (wgmma.cuh) instead of mma.sync; everything else is shared. Each warpgroup (4 warps)
+// owns MI blocks of 64 query rows (m64 tiles); keys per tile BN = 64 or 128.
+#ifndef FWD_WGMMA
+#define FWD_WGMMA 0
+#endif
+#ifndef FWD_WG_STAGES
+#define FWD_WG_STAGES 2
+#endif
+#if FWD_WGMMA
+#include "wgmma.cuh"
+#endif
 
 template <typename T, int D, int MI, int NW, int BN, bool DOCS>
 __device__ __forceinline__ void attn_fwd_body(
     const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, float* __restrict__ acc, float* __restrict__ m_state,
     float* __restrict__ l_state, u16* __restrict__ out, float* __restrict__ lse, int B, int H, int Hkv, int Sq,
     int Sk, float scale_log2, Segs qs, Segs ks, MaskInfo<DOCS> mask, int first, int last) {
-  const int BM = 16 * MI * NW, NT = 32 * NW, LD = D + 8;
-  extern __shared__ uint4 smem_u4[];
+  // mma.sync reads rows padded to D + 8 (ldmatrix without bank conflicts); wgmma reads
+  // unpadded core-matrix tiles (wgmma.cuh).
+  constexpr bool WG = FWD_WGMMA;
+  static_assert(!WG || (NW % 4 == 0 && (BN == 64 || BN == 128) && D == 128), "FWD_WGMMA: d128, warpgroups, 64/128 keys");
+  const int BM = 16 * MI * NW, NT = 32 * NW, LD = WG ? D : D + 8;
+  // K/V pipeline stages: the copy of the tile STAGES − 1 ahead is in flight during a tile's
+  // compute (wgmma computes a tile faster than one copy's latency: three stages).
+  constexpr int STAGES = WG ? FWD_WG_STAGES : 2;
+  extern __shared__ __align__(1024) uint4 smem_u4[];  // (wgmma's swizzled tiles need 1024 B)
   u16* sQ = reinterpret_cast<u16*>(smem_u4);
-  u16* sK = sQ + BM * LD;  // [2][BN][LD]
-  u16* sV = sK + 2 * BN * LD;
-  int2* sRow = reinterpret_cast<int2*>(sV + 2 * BN * LD);  // [BM] each row's allowed key positions
+  u16* sK = sQ + BM * LD;  // [STAGES][BN][LD]
+  u16* sV = sK + STAGES * BN * LD;
+  int2* sRow = reinterpret_cast<int2*>(sV + STAGES * BN * LD);  // [BM] each row's allowed key positions
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int b = blockIdx.x / H, h = blockIdx.x % H, hk = h / (H / Hkv);
@@ -81,15 +100,19 @@ __device__ __forceinline__ void attn_fwd_body(
   int t = next_tile(sweep.first());
   if (t >= nkt && !first && !last) return;  // nothing to add, state unchanged
 
-  // Per thread: rows r(mi, hr) = warp·16·MI + mi·16 + lane/4 + 8·hr; columns n·8 + 2·(lane%4) + {0,1}.
+  // Per thread: rows r(mi, hr) = rbase(mi) + lane/4 + 8·hr; columns n·8 + 2·(lane%4) + {0,1}.
+  // mma.sync: each warp owns 16·MI consecutive rows; wgmma: row block mi is the m64 tile mi,
+  // of which warp w holds rows 16w…16w+15.
   float o[MI][D / 8][4];
   float m_r[MI][2], l_r[MI][2];
   const int row_base = warp * 16 * MI;
+  // wgmma: m64 tile (warp/4)·MI + mi, of which this warp holds 16 rows.
+  auto rbase = [&](int mi) { return WG ? ((warp / 4) * MI + mi) * 64 + (warp % 4) * 16 : row_base + mi * 16; };
 #pragma unroll
   for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
+      const int i = i0 + rbase(mi) + lane / 4 + 8 * hr;
       const bool in = i < Sq && !first;
       const long long srow = ((long long)b * H + h) * Sq + i;
       m_r[mi][hr] = in ? m_state[srow] : MASKED;
@@ -115,30 +138,81 @@ __device__ __forceinline__ void attn_fwd_body(
       mask.keys_window(p, p, rs, lo, hi);
       sRow[r] = make_int2(lo, hi);
     }
+  // wgmma: 128-byte-swizzled tiles (wgmma.cuh); mma.sync: rows padded to LD.
+  auto load = [&](auto rows, auto k_major, u16* dst, const u16* src, long long stride, int row0, int n) {
+    constexpr int R = decltype(rows)::value;
+    (void)k_major;
+#if FWD_WGMMA
+    load_rows_sw128<R, D, NT>(dst, src, stride, row0, n);
+#else
+    load_rows<R, D, NT>(dst, src, stride, row0, n);
+#endif
+  };
   if (t < nkt) {
-    load_rows<BM, D, NT>(sQ, gq, q_stride, i0, Sq);
-    load_rows<BN, D, NT>(sK, gk, k_stride, t * BN, Sk);
-    load_rows<BN, D, NT>(sV, gv, k_stride, t * BN, Sk);
+    load(Int<BM>(), Int<1>(), sQ, gq, q_stride, i0, Sq);
+    load(Int<BN>(), Int<1>(), sK, gk, k_stride, t * BN, Sk);
+    load(Int<BN>(), Int<0>(), sV, gv, k_stride, t * BN, Sk);
     cp_async_commit();
   }
   // ldmatrix base addresses (bytes); the loops add compile-time offsets.
   const u32 qa = smem_addr(sQ) + 2 * (row_base * LD + lds_a<LD>(lane));
   const u32 ka = smem_addr(sK) + 2 * lds_b<LD>(lane);
   const u32 va = smem_addr(sV) + 2 * lds_bt<LD>(lane);
-  int stage = 0;
-  while (t < nkt) {
-    const int tn = next_tile(t + 1);
-    if (tn < nkt) {  // prefetch the next tile into the other stage
-      load_rows<BN, D, NT>(sK + (stage ^ 1) * BN * LD, gk, k_stride, tn * BN, Sk);
-      load_rows<BN, D, NT>(sV + (stage ^ 1) * BN * LD, gv, k_stride, tn * BN, Sk);
+  // The tiles t0, t1, … (those with work) go to stages 0, 1, …, 0, … in turn; `pre` is the
+  // last tile whose copy was issued. One commit group per tile (empty past the last).
+  int stage = 0, pre = t;
+  if (STAGES == 3 && t < nkt) {
+    pre = next_tile(t + 1);
+    if (pre < nkt) {
+      load(Int<BN>(), Int<1>(), sK + BN * LD, gk, k_stride, pre * BN, Sk);
+      load(Int<BN>(), Int<0>(), sV + BN * LD, gv, k_stride, pre * BN, Sk);
     }
     cp_async_commit();
-    cp_async_wait<1>();
+  }
+  while (t < nkt) {
+    const int tn = next_tile(t + 1);
+    const int pf = STAGES == 2 ? tn : (pre < nkt ? next_tile(pre + 1) : nkt);  // the copy to issue now
+    if (pf < nkt) {  // into the stage the previous tile used (free since its closing barrier)
+      const int ps = (stage + STAGES - 1) % STAGES;
+      load(Int<BN>(), Int<1>(), sK + ps * BN * LD, gk, k_stride, pf * BN, Sk);
+      load(Int<BN>(), Int<0>(), sV + ps * BN * LD, gv, k_stride, pf * BN, Sk);
+    }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+#if FWD_WGMMA
+    WG_PROXY_FENCE();  // this thread's copies, now complete, for wgmma's reads
+#endif
     __syncthreads();
-    const u32 kst = ka + stage * (2 * BN * LD), vst = va + stage * (2 * BN * LD);
+    const u32 kst = ka + stage * (2 * BN * LD), vst = va + stage * (2 * BN * LD);  // bytes
+#if FWD_WGMMA
+    (void)kst, (void)vst;  // the mma.sync path's ldmatrix addresses
+#endif
 
     // S = Q·Kᵀ
     float s[MI][BN / 8][4];
+#if FWD_WGMMA
+    {
+      // K-major, swizzled (wgmma.cuh): an m64 block is 8 groups of 1024 B; k-step kk is
+      // +32 B in atom column kk/4, atom columns rows·128 B apart.
+      const u32 qs0 = smem_addr(sQ), ks0 = smem_addr(sK) + stage * (2 * BN * D);
+      WG_FENCE();
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk)
+          wg_scores<T, BN>(s[mi], wg_desc(qs0 + ((warp / 4) * MI + mi) * 8192 + (kk / 4) * BM * 128 + (kk % 4) * 32,
+                                          16, 1024),
+                           wg_desc(ks0 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk);
+      WG_COMMIT();
+      WG_WAIT0();
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) wg_keep(s[mi][n][e]);
+    }
+#else
 #pragma unroll
     for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
@@ -159,6 +233,7 @@ __device__ __forceinline__ void attn_fwd_body(
         }
       }
     }
+#endif
 
     // Mask on global positions where the tile is mixed. Scores stay unscaled here: the
     // scale (> 0, the launcher sees to it) is applied to the row maximum and folded into
@@ -178,7 +253,7 @@ __device__ __forceinline__ void attn_fwd_body(
         for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
           for (int hr = 0; hr < 2; ++hr) {
-            const int2 w = sRow[row_base + mi * 16 + lane / 4 + 8 * hr];
+            const int2 w = sRow[rbase(mi) + lane / 4 + 8 * hr];
 #pragma unroll
             for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
@@ -240,6 +315,42 @@ __device__ __forceinline__ void attn_fwd_body(
     }
 
     // O += P·V, P rounded to the input dtype (register C fragments become A fragments).
+#if FWD_WGMMA
+    {
+      // V is N-major for this product: a 16-key step is 2 groups of 1024 B; LBO = the
+      // distance between D's two atom columns (wgmma.cuh).
+      u32 pa[BN / 16][MI][4];
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) {
+          pa[kk][mi][0] = Ops<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+          pa[kk][mi][1] = Ops<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+          pa[kk][mi][2] = Ops<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+          pa[kk][mi][3] = Ops<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+        }
+      const u32 vs0 = smem_addr(sV) + stage * (2 * BN * D);
+      WG_FENCE();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi) Wg<T>::rs_n128(o[mi], pa[kk][mi], wg_desc(vs0 + kk * 2048, BN * 128, 1024));
+      WG_COMMIT();
+      WG_WAIT0();
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) wg_keep(pa[kk][mi][e]);
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) wg_keep(o[mi][n][e]);
+    }
+#else
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       u32 pa[MI][4];
@@ -261,9 +372,11 @@ __device__ __forceinline__ void attn_fwd_body(
         }
       }
     }
+#endif
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
-    stage ^= 1;
+    stage = (stage + 1) % STAGES;
     t = tn;
+    pre = pf;
   }
   cp_async_wait<0>();
 
@@ -275,7 +388,7 @@ __device__ __forceinline__ void attn_fwd_body(
       float l = l_r[mi][hr];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
-      const int i = i0 + row_base + mi * 16 + lane / 4 + 8 * hr;
+      const int i = i0 + rbase(mi) + lane / 4 + 8 * hr;
       if (i >= Sq) continue;
       const long long srow = ((long long)b * H + h) * Sq + i;
       const long long orow = ((long long)b * Sq + i) * q_stride + h * D;

@@ -1,0 +1,116 @@
+// Hopper warpgroup MMA (wgmma, sm_90a only) for the forward kernel's FWD_WGMMA variant.
+//
+// Shared-memory operands (Q, K, V alike) use the 128-byte-swizzle layout of
+// load_rows_sw128. Descriptors (bench/wgmma_probe.py measured them on an H100): Q and K
+// are K-major (rows × D): SBO = 1024 B between 8-row groups, LBO unused, a k16 step is
+// +32 B inside a 64-element atom column and the next atom column ROWS·128 B on. V is
+// N-major for P·V (imm-trans-b = 1): SBO = 1024 B between 8-key groups, LBO = the distance
+// between the two 64-wide atom columns of D, a 16-key step +2048 B.
+// Accumulators follow mma.sync's m16n8 C layout per warp (warp w of the warpgroup holds rows
+// 16w…16w+15 of the m64 tile), and a register A operand mma.sync's A-fragment layout, so
+// the online softmax and the P fragments are exactly those of the mma.sync path.
+#pragma once
+
+typedef unsigned long long u64;
+
+// cp.async ROWS rows × D columns (D a multiple of 64) from global rows row0… (stride in
+// elements) into a 128-byte-swizzled tile; rows ≥ nrows are zero-filled. The tile is D/64
+// "atom columns" of ROWS rows × 128 B (64 elements), ROWS·128 B apart; in each, row r sits
+// at (r/8)·1024 + (r%8)·128 B with its 16-byte chunk j at chunk j ^ (r%8) (the hardware's
+// 128B swizzle; the tile must be 1024-byte aligned). Eight lanes copy one row's 128 B: the
+// global read is one contiguous segment and the shared write one 128-byte line.
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_rows_sw128(u16* s, const u16* g, long long stride, int row0, int nrows) {
+  constexpr int UNITS = ROWS * (D / 8);
+  static_assert(ROWS % 8 == 0 && D % 64 == 0 && UNITS % NT == 0, "swizzled copy shape");
+  const u16* base = g + row0 * stride;
+  const u32 sa = smem_addr(s);
+  const int left = nrows - row0, st = (int)stride;
+#pragma unroll
+  for (int k = 0; k < UNITS / NT; ++k) {
+    const int idx = threadIdx.x + k * NT, j = idx % 8, rest = idx / 8, r = rest % ROWS, a = rest / ROWS;
+    const int dst = a * ROWS * 64 + (r / 8) * 512 + (r % 8) * 64 + ((j ^ (r % 8)) * 8);
+    cp_async16(sa + 2 * dst, base + (r * st + a * 64 + j * 8), r < left);
+  }
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle (mode 1 in bits 62–63): address, LBO
+// and SBO in 16-byte units.
+__device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
+  return (u64)((saddr >> 4) & 0x3FFF) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
+         (1ull << 62);
+}
+
+#define WG_FENCE() asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")
+#define WG_COMMIT() asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory")
+#define WG_WAIT0() asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory")
+// Writes to shared memory by this thread (cp.async, once complete) become visible to the
+// async proxy that wgmma reads through; the block barrier after it publishes them.
+#define WG_PROXY_FENCE() asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory")
+
+// Keep the compiler from moving a register across the asynchronous MMA (CUTLASS's
+// warpgroup_fence_operand).
+__device__ __forceinline__ void wg_keep(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void wg_keep(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
+
+#define WG_F4(a, j) "+f"(a[j][0]), "+f"(a[j][1]), "+f"(a[j][2]), "+f"(a[j][3])
+#define WG_F32(a) WG_F4(a, 0), WG_F4(a, 1), WG_F4(a, 2), WG_F4(a, 3), WG_F4(a, 4), WG_F4(a, 5), WG_F4(a, 6), WG_F4(a, 7)
+#define WG_F64(a)                                                                                             \
+  WG_F32(a), WG_F4(a, 8), WG_F4(a, 9), WG_F4(a, 10), WG_F4(a, 11), WG_F4(a, 12), WG_F4(a, 13), WG_F4(a, 14),  \
+      WG_F4(a, 15)
+#define WG_R32                                                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WG_R64                                                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
+  "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// d (m64 × n64, fp32) = (accumulate ? d : 0) + A·Bᵀ, A and B K-major in shared memory.
+// d[n][e]: row 16·warp + lane/4 + 8·(e/2), column 8n + 2·(lane%4) + e%2.
+#define WG_SS_N64(TY)                                                                                        \
+  __device__ __forceinline__ static void ss_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_R32 ", %32, %33, p, 1, 1, 0, 0;\n}\n" \
+                 : WG_F32(d)                                                                                  \
+                 : "l"(da), "l"(db), "r"(accumulate));                                                        \
+  }
+// The same with n128 (128 keys per tile).
+#define WG_SS_N128(TY)                                                                                       \
+  __device__ __forceinline__ static void ss_n128(float (&d)[16][4], u64 da, u64 db, int accumulate) {        \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " WG_R64 ", %64, %65, p, 1, 1, 0, 0;\n}\n" \
+                 : WG_F64(d)                                                                                  \
+                 : "l"(da), "l"(db), "r"(accumulate));                                                        \
+  }
+// d (m64 × n128, fp32) += A·B, A from registers (mma.sync A-fragment layout), B N-major in
+// shared memory (imm-trans-b = 1).
+#define WG_RS_N128(TY)                                                                                       \
+  __device__ __forceinline__ static void rs_n128(float (&d)[16][4], const u32 (&a)[4], u64 db) {              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " WG_R64                          \
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                              \
+                 : WG_F64(d)                                                                                  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                              \
+  }
+
+template <typename T> struct Wg;
+template <> struct Wg<bf16_t> {
+  WG_SS_N64("bf16")
+  WG_SS_N128("bf16")
+  WG_RS_N128("bf16")
+};
+template <> struct Wg<f16_t> {
+  WG_SS_N64("f16")
+  WG_SS_N128("f16")
+  WG_RS_N128("f16")
+};
+
+// S tile of BN keys for one m64 row block: n64 or n128.
+template <typename T, int BN>
+__device__ __forceinline__ void wg_scores(float (&d)[BN / 8][4], u64 da, u64 db, int accumulate) {
+  if constexpr (BN == 64)
+    Wg<T>::ss_n64(d, da, db, accumulate);
+  else
+    Wg<T>::ss_n128(d, da, db, accumulate);
+}
