@@ -124,6 +124,18 @@ def test_kernels_many_tiles(seed, dtype, causal, window, head_dim):
 
 
 @pytest.mark.parametrize("causal,window", MASKS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mma_sync_forward_where_wgmma_is_the_default(seed, monkeypatch, dtype, causal, window):
+    """MPIRING_WGMMA=0: the mma.sync d128 forward, which Hopper no longer runs by default,
+    over many tiles and with documents (on other GPUs every test above runs it)."""
+    monkeypatch.setenv("MPIRING_WGMMA", "0")
+    _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=128, dtype=dtype,
+           layout="zigzag", causal=causal, window=window, batch=2)
+    _check(seed, size=2, seqlen_local=260, heads=4, heads_kv=2, head_dim=128, dtype=dtype,
+           layout="contiguous", causal=causal, window=window, documents=True)
+
+
+@pytest.mark.parametrize("causal,window", MASKS)
 @pytest.mark.parametrize("layout", L.LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_kernels_documents(seed, dtype, layout, causal, window):
