@@ -33,7 +33,7 @@
 #endif
 // FWD_WGMMA=1 (sm_90a, head_dim 128): the two products on Hopper's warpgroup MMA
 // (wgmma.cuh) instead of mma.sync; everything else is shared. Each warpgroup (4 warps)
-// owns MI blocks of 64 query rows (m64 tiles); keys per tile BN = 64 or 128.
+// owns MI blocks of 64 query rows (m64 tiles); 128 keys per tile.
 #ifndef FWD_WGMMA
 #define FWD_WGMMA 0
 #endif
@@ -52,7 +52,7 @@ __device__ __forceinline__ void attn_fwd_body(
   // mma.sync reads rows padded to D + 8 (ldmatrix without bank conflicts); wgmma reads
   // unpadded core-matrix tiles (wgmma.cuh).
   constexpr bool WG = FWD_WGMMA;
-  static_assert(!WG || (NW % 4 == 0 && (BN == 64 || BN == 128) && D == 128), "FWD_WGMMA: d128, warpgroups, 64/128 keys");
+  static_assert(!WG || (NW % 4 == 0 && BN == 128 && D == 128), "FWD_WGMMA: d128, warpgroups, 128 keys");
   const int BM = 16 * MI * NW, NT = 32 * NW, LD = WG ? D : D + 8;
   // K/V pipeline stages: the copy of the tile STAGES − 1 ahead is in flight during a tile's
   // compute (wgmma computes a tile faster than one copy's latency: three stages).
@@ -139,9 +139,8 @@ __device__ __forceinline__ void attn_fwd_body(
       sRow[r] = make_int2(lo, hi);
     }
   // wgmma: 128-byte-swizzled tiles (wgmma.cuh); mma.sync: rows padded to LD.
-  auto load = [&](auto rows, auto k_major, u16* dst, const u16* src, long long stride, int row0, int n) {
+  auto load = [&](auto rows, u16* dst, const u16* src, long long stride, int row0, int n) {
     constexpr int R = decltype(rows)::value;
-    (void)k_major;
 #if FWD_WGMMA
     load_rows_sw128<R, D, NT>(dst, src, stride, row0, n);
 #else
@@ -149,9 +148,9 @@ __device__ __forceinline__ void attn_fwd_body(
 #endif
   };
   if (t < nkt) {
-    load(Int<BM>(), Int<1>(), sQ, gq, q_stride, i0, Sq);
-    load(Int<BN>(), Int<1>(), sK, gk, k_stride, t * BN, Sk);
-    load(Int<BN>(), Int<0>(), sV, gv, k_stride, t * BN, Sk);
+    load(Int<BM>(), sQ, gq, q_stride, i0, Sq);
+    load(Int<BN>(), sK, gk, k_stride, t * BN, Sk);
+    load(Int<BN>(), sV, gv, k_stride, t * BN, Sk);
     cp_async_commit();
   }
   // ldmatrix base addresses (bytes); the loops add compile-time offsets.
@@ -164,8 +163,8 @@ __device__ __forceinline__ void attn_fwd_body(
   if (STAGES == 3 && t < nkt) {
     pre = next_tile(t + 1);
     if (pre < nkt) {
-      load(Int<BN>(), Int<1>(), sK + BN * LD, gk, k_stride, pre * BN, Sk);
-      load(Int<BN>(), Int<0>(), sV + BN * LD, gv, k_stride, pre * BN, Sk);
+      load(Int<BN>(), sK + BN * LD, gk, k_stride, pre * BN, Sk);
+      load(Int<BN>(), sV + BN * LD, gv, k_stride, pre * BN, Sk);
     }
     cp_async_commit();
   }
@@ -174,8 +173,8 @@ __device__ __forceinline__ void attn_fwd_body(
     const int pf = STAGES == 2 ? tn : (pre < nkt ? next_tile(pre + 1) : nkt);  // the copy to issue now
     if (pf < nkt) {  // into the stage the previous tile used (free since its closing barrier)
       const int ps = (stage + STAGES - 1) % STAGES;
-      load(Int<BN>(), Int<1>(), sK + ps * BN * LD, gk, k_stride, pf * BN, Sk);
-      load(Int<BN>(), Int<0>(), sV + ps * BN * LD, gv, k_stride, pf * BN, Sk);
+      load(Int<BN>(), sK + ps * BN * LD, gk, k_stride, pf * BN, Sk);
+      load(Int<BN>(), sV + ps * BN * LD, gv, k_stride, pf * BN, Sk);
     }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
@@ -200,17 +199,12 @@ __device__ __forceinline__ void attn_fwd_body(
       for (int mi = 0; mi < MI; ++mi)
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk)
-          wg_scores<T, BN>(s[mi], wg_desc(qs0 + ((warp / 4) * MI + mi) * 8192 + (kk / 4) * BM * 128 + (kk % 4) * 32,
-                                          16, 1024),
-                           wg_desc(ks0 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk);
+          Wg<T>::ss_n128(s[mi], wg_desc(qs0 + ((warp / 4) * MI + mi) * 8192 + (kk / 4) * BM * 128 + (kk % 4) * 32,
+                                        16, 1024),
+                         wg_desc(ks0 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024), kk);
       WG_COMMIT();
       WG_WAIT0();
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int n = 0; n < BN / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) wg_keep(s[mi][n][e]);
+      wg_keep(s);
     }
 #else
 #pragma unroll
@@ -314,7 +308,14 @@ __device__ __forceinline__ void attn_fwd_body(
         }
     }
 
-    // O += P·V, P rounded to the input dtype (register C fragments become A fragments).
+    // O += P·V, P rounded to the input dtype (register C fragments become A fragments:
+    // key block kk of row block mi, the same layout for mma.sync and wgmma).
+    auto pack_p = [&](u32(&p)[4], int mi, int kk) {
+      p[0] = Ops<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
+      p[1] = Ops<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
+      p[2] = Ops<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
+      p[3] = Ops<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
+    };
 #if FWD_WGMMA
     {
       // V is N-major for this product: a 16-key step is 2 groups of 1024 B; LBO = the
@@ -323,12 +324,7 @@ __device__ __forceinline__ void attn_fwd_body(
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) {
-          pa[kk][mi][0] = Ops<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-          pa[kk][mi][1] = Ops<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-          pa[kk][mi][2] = Ops<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-          pa[kk][mi][3] = Ops<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-        }
+        for (int mi = 0; mi < MI; ++mi) pack_p(pa[kk][mi], mi, kk);
       const u32 vs0 = smem_addr(sV) + stage * (2 * BN * D);
       WG_FENCE();
 #pragma unroll
@@ -337,30 +333,15 @@ __device__ __forceinline__ void attn_fwd_body(
         for (int mi = 0; mi < MI; ++mi) Wg<T>::rs_n128(o[mi], pa[kk][mi], wg_desc(vs0 + kk * 2048, BN * 128, 1024));
       WG_COMMIT();
       WG_WAIT0();
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk)
-#pragma unroll
-        for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) wg_keep(pa[kk][mi][e]);
-#pragma unroll
-      for (int mi = 0; mi < MI; ++mi)
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) wg_keep(o[mi][n][e]);
+      wg_keep(pa);
+      wg_keep(o);
     }
 #else
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       u32 pa[MI][4];
 #pragma unroll
-      for (int mi = 0; mi < MI; ++mi) {
-        pa[mi][0] = Ops<T>::pack(s[mi][2 * kk][0], s[mi][2 * kk][1]);
-        pa[mi][1] = Ops<T>::pack(s[mi][2 * kk][2], s[mi][2 * kk][3]);
-        pa[mi][2] = Ops<T>::pack(s[mi][2 * kk + 1][0], s[mi][2 * kk + 1][1]);
-        pa[mi][3] = Ops<T>::pack(s[mi][2 * kk + 1][2], s[mi][2 * kk + 1][3]);
-      }
+      for (int mi = 0; mi < MI; ++mi) pack_p(pa[mi], mi, kk);
 #pragma unroll
       for (int nd = 0; nd < D / 16; ++nd) {
         u32 bv[4];

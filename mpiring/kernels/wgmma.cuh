@@ -52,30 +52,24 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
 // warpgroup_fence_operand).
 __device__ __forceinline__ void wg_keep(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void wg_keep(u32& x) { asm volatile("" : "+r"(x)::"memory"); }
+template <typename X, int N>
+__device__ __forceinline__ void wg_keep(X (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) wg_keep(a[i]);
+}
 
 #define WG_F4(a, j) "+f"(a[j][0]), "+f"(a[j][1]), "+f"(a[j][2]), "+f"(a[j][3])
 #define WG_F32(a) WG_F4(a, 0), WG_F4(a, 1), WG_F4(a, 2), WG_F4(a, 3), WG_F4(a, 4), WG_F4(a, 5), WG_F4(a, 6), WG_F4(a, 7)
 #define WG_F64(a)                                                                                             \
   WG_F32(a), WG_F4(a, 8), WG_F4(a, 9), WG_F4(a, 10), WG_F4(a, 11), WG_F4(a, 12), WG_F4(a, 13), WG_F4(a, 14),  \
       WG_F4(a, 15)
-#define WG_R32                                                                                                \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
-  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define WG_R64                                                                                                \
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
   "%23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, "   \
   "%44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-// d (m64 × n64, fp32) = (accumulate ? d : 0) + A·Bᵀ, A and B K-major in shared memory.
-// d[n][e]: row 16·warp + lane/4 + 8·(e/2), column 8n + 2·(lane%4) + e%2.
-#define WG_SS_N64(TY)                                                                                        \
-  __device__ __forceinline__ static void ss_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {          \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_R32 ", %32, %33, p, 1, 1, 0, 0;\n}\n" \
-                 : WG_F32(d)                                                                                  \
-                 : "l"(da), "l"(db), "r"(accumulate));                                                        \
-  }
-// The same with n128 (128 keys per tile).
+// d (m64 × n128, fp32) = (accumulate ? d : 0) + A·Bᵀ, A and B K-major in shared memory
+// (S for 128 keys). d[n][e]: row 16·warp + lane/4 + 8·(e/2), column 8n + 2·(lane%4) + e%2.
 #define WG_SS_N128(TY)                                                                                       \
   __device__ __forceinline__ static void ss_n128(float (&d)[16][4], u64 da, u64 db, int accumulate) {        \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
@@ -96,21 +90,10 @@ __device__ __forceinline__ void wg_keep(u32& x) { asm volatile("" : "+r"(x)::"me
 
 template <typename T> struct Wg;
 template <> struct Wg<bf16_t> {
-  WG_SS_N64("bf16")
   WG_SS_N128("bf16")
   WG_RS_N128("bf16")
 };
 template <> struct Wg<f16_t> {
-  WG_SS_N64("f16")
   WG_SS_N128("f16")
   WG_RS_N128("f16")
 };
-
-// S tile of BN keys for one m64 row block: n64 or n128.
-template <typename T, int BN>
-__device__ __forceinline__ void wg_scores(float (&d)[BN / 8][4], u64 da, u64 db, int accumulate) {
-  if constexpr (BN == 64)
-    Wg<T>::ss_n64(d, da, db, accumulate);
-  else
-    Wg<T>::ss_n128(d, da, db, accumulate);
-}
