@@ -215,7 +215,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
-        active = _schedule(layout, rank, size, q, k, mask)
+        active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask, batch=q.shape[0])
     except _LocalError as exc:
         error = exc
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -255,15 +255,6 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     plan = None if lse is _FORWARD else _layout.dkv_plan(schedules, rank)
     return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active,
                  _layout.kv_hops(schedules, rank), timeout, layout, plan)
-
-
-def _schedule(layout, rank, size, q, k, mask) -> tuple[bool, ...]:
-    """Which ring steps have work on this rank (layout.step_schedule)."""
-    if q.shape[0] == 0:  # batch 0: no work anywhere, so no K/V travels either
-        return (False,) * size
-    if mask.is_full:
-        return (True,) * size
-    return _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask)
 
 
 def _arrive(comm, fn: str, timeout) -> None:

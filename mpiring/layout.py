@@ -238,14 +238,19 @@ def _expand(segs: tuple[Segment, ...]) -> np.ndarray:
 
 
 def step_schedule(
-    layout: str, rank: int, size: int, seqlen_q: int, seqlen_k: int, mask: Mask
+    layout: str, rank: int, size: int, seqlen_q: int, seqlen_k: int, mask: Mask, batch: int = 1
 ) -> tuple[bool, ...]:
     """For ring step s (K/V of rank ``(rank − s) mod size`` in hand): is there any work?
 
     Steps that are fully masked are skipped by the ring loop; the K/V transfers that
     no rank further along needs are skipped too (:func:`kv_hops`). Exact, and O(1) per
-    step for the contiguous and zigzag layouts without documents.
+    step for the contiguous and zigzag layouts without documents. ``batch`` 0: no work
+    anywhere (so no K/V travels either).
     """
+    if batch == 0:
+        return (False,) * size
+    if mask.is_full:
+        return (True,) * size
     q_segs = segments(layout, rank, size, seqlen_q)
     return tuple(
         segments_have_work(q_segs, segments(layout, (rank - s) % size, size, seqlen_k), mask)

@@ -190,10 +190,7 @@ def _dkv_buffers(layout: str, size: int, batch: int, seqlen: int, mask) -> int:
     a full ring (computed into, in flight, arriving), 1 where every block stays home."""
     if size == 1:
         return 1
-    if batch == 0 or mask.is_full:
-        schedules = [(batch > 0,) * size] * size
-    else:
-        schedules = [_layout.step_schedule(layout, r, size, seqlen, seqlen, mask) for r in range(size)]
+    schedules = [_layout.step_schedule(layout, r, size, seqlen, seqlen, mask, batch=batch) for r in range(size)]
     return max(_layout.dkv_plan(schedules, r).buffers for r in range(size))
 
 

@@ -176,30 +176,21 @@ def _sync(xp) -> None:
         xp.cuda.get_current_stream().synchronize()
 
 
-def _timed(comm, xp, fn, repeat: int = 1) -> float:
-    """Slowest rank's median seconds of ``fn()`` (after one warm-up run)."""
-    fn()
+def _timed(comm, xp, fn, repeat: int = 1, *, until_done: bool = True, warmup: bool = True) -> float:
+    """Slowest rank's median seconds of ``fn()`` from an idle GPU (after one warm-up run
+    unless ``warmup`` is False). ``until_done`` False: until ``fn()`` returns, not until its
+    GPU work is done: the host's work per call (queueing kernels, validation, the ring
+    loop), which bounds the rate of calls back to back when it exceeds their GPU time."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeat):
         _sync(xp)
         comm.Barrier()
         start = time.perf_counter()
         fn()
-        _sync(xp)
-        times.append(time.perf_counter() - start)
-    return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
-
-
-def _host_time(comm, xp, fn, repeat: int = 3) -> float:
-    """Slowest rank's median seconds until ``fn()`` returns, from an idle GPU: the host's
-    work per call (queueing kernels, validation, the ring loop), which bounds the rate of
-    calls back to back when it exceeds their GPU time."""
-    times = []
-    for _ in range(repeat):
-        _sync(xp)
-        comm.Barrier()
-        start = time.perf_counter()
-        fn()
+        if until_done:
+            _sync(xp)
         times.append(time.perf_counter() - start)
         _sync(xp)
     return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
@@ -370,7 +361,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
         fixed, varlen = (sorted(rates[name])[1] for name in ("fixed", "varlen"))
         fixed_lat, varlen_lat = (_timed(comm, xp, call(**o), repeat=3)
                                  for o in ({"layout": fixed_layout}, {"cu_seqlens": cu}))
-        host = _host_time(comm, xp, fns["varlen"])
+        host = _timed(comm, xp, fns["varlen"], repeat=3, until_done=False, warmup=False)
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
         rows.append(make_row(
             **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
