@@ -1,7 +1,8 @@
 """Source variants of the CUDA kernels, timed against the current ones in one process.
 
-Each variant is a list of text replacements in ``mpiring/kernels``; the script swaps the
-sources the backend compiles (no change to the library), runs causal and non-causal
+Each variant is a list of text replacements in ``mpiring/kernels`` (the script swaps the
+sources the backend compiles: no change to the library) or environment settings
+(:data:`VARIANT_ENV`, e.g. the ``mma.sync`` backward where ``wgmma`` is the default); it runs causal and non-causal
 forward+backward through ``mpiring.ring_attention(_backward)`` at one rank, and reports
 each kernel's own time (CUDA events around the backend's launches, median of
 ``--iters``) and whether dq/dk/dv equal the current kernels' bitwise (variants that
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -137,13 +139,22 @@ VARIANTS = {
 }
 
 
+# Variants made by environment variables read at each call (set around that variant's calls).
+VARIANT_ENV = {
+    # the mma.sync backward beside the wgmma one (Hopper, d128: MPIRING_WGMMA's default is both)
+    "bwd-mma-sync": {"MPIRING_WGMMA": "fwd"},
+    # the mma.sync forward and backward
+    "mma-sync": {"MPIRING_WGMMA": "0"},
+}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--heat", type=float, default=3.0, help="seconds of calls before the timed rounds")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *VARIANT_ENV])}")
     p.add_argument("--atomic", action="store_true", help="backward with atomic dQ (deterministic=False)")
     p.add_argument("--baseline", default="",
                    help="a folder of kernel sources (another commit's mpiring/kernels), timed as variant 'baseline'")
@@ -174,6 +185,8 @@ def _run(args, events) -> None:
         if name == "baseline":
             root = Path(args.baseline)
             sources = {f: (root / f).read_text() for f in original}
+        if name not in VARIANTS and name not in VARIANT_ENV and name != "baseline":
+            raise SystemExit(f"unknown variant {name!r}")
         for file, old, new in VARIANTS.get(name, []):
             if old not in sources[file]:
                 raise SystemExit(f"variant {name}: text not found in {file}: {old!r}")
@@ -194,9 +207,19 @@ def _run(args, events) -> None:
     for causal in (False, True):
         def call(name, causal=causal):
             state["variant"] = name
-            out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal)
-            return mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, causal=causal,
-                                                   deterministic=not args.atomic)
+            env = VARIANT_ENV.get(name, {})
+            saved = {key: os.environ.get(key) for key in env}
+            os.environ.update(env)
+            try:
+                out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal)
+                return mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, causal=causal,
+                                                       deterministic=not args.atomic)
+            finally:
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
 
         grads = {name: [g.copy() for g in call(name)] for name in names}  # compiles
         heat([functools.partial(call, name) for name in names], args.heat,

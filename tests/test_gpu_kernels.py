@@ -9,6 +9,7 @@ striped (stride N) masks run through the kernels without MPI; the public
 """
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -125,14 +126,26 @@ def test_kernels_many_tiles(seed, dtype, causal, window, head_dim):
 
 @pytest.mark.parametrize("causal,window", MASKS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mma_sync_forward_where_wgmma_is_the_default(seed, monkeypatch, dtype, causal, window):
-    """MPIRING_WGMMA=0: the mma.sync d128 forward, which Hopper no longer runs by default,
-    over many tiles and with documents (on other GPUs every test above runs it)."""
+def test_mma_sync_kernels_where_wgmma_is_the_default(seed, monkeypatch, dtype, causal, window):
+    """MPIRING_WGMMA=0: the mma.sync d128 forward and backward, which Hopper no longer runs by
+    default, over many tiles and with documents (on other GPUs every test above runs them)."""
     monkeypatch.setenv("MPIRING_WGMMA", "0")
     _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=128, dtype=dtype,
            layout="zigzag", causal=causal, window=window, batch=2)
     _check(seed, size=2, seqlen_local=260, heads=4, heads_kv=2, head_dim=128, dtype=dtype,
            layout="contiguous", causal=causal, window=window, documents=True)
+
+
+def test_hopper_runs_the_wgmma_kernels_at_d128():
+    """On compute capability 9.0 the d128 tests above run the wgmma forward and backward
+    (so they check those, not a silent fallback); elsewhere the mma.sync ones."""
+    if os.environ.get("MPIRING_WGMMA", "1").strip() != "1":
+        pytest.skip("MPIRING_WGMMA is set: not the default kernels")
+    dev = cupy.cuda.Device()
+    hopper = dev.compute_capability == "90"
+    for f in cupy_backend.KERNEL_FILES:
+        assert cupy_backend._use_wgmma(dev.id, f, 128) == hopper, f
+        assert not cupy_backend._use_wgmma(dev.id, f, 64), f
 
 
 @pytest.mark.parametrize("causal,window", MASKS)

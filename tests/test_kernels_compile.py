@@ -65,29 +65,47 @@ def test_nvrtc_compiles(nvrtc, kernel_file, head_dim, arch):
     assert "warning" not in log, log
 
 
-@pytest.mark.parametrize("dtype_entry", ["attn_fwd_bf16", "attn_fwd_f16_doc"])
-def test_nvrtc_compiles_wgmma_forward(nvrtc, dtype_entry):
-    """The forward's Hopper variant (FWD_WGMMA, sm_90a), with the launcher's options."""
-    code = cupy_._inline_header(cupy_.kernel_sources()["attention_fwd.cu"], cupy_.kernel_sources())
-    options = list(cupy_.compile_options("attention_fwd.cu", 128, wgmma=True))
+@pytest.mark.parametrize("kernel_file", cupy_.KERNEL_FILES)
+def test_nvrtc_compiles_wgmma_variants(nvrtc, kernel_file):
+    """Each kernel's Hopper variant (FWD_WGMMA / BWD_WGMMA, sm_90a), with the launcher's
+    options, without warnings and without spills (ptxas -v: a spill in these loops costs
+    more than the variant gains)."""
+    sources = cupy_.kernel_sources()
+    code = cupy_._inline_header(sources[kernel_file], sources)
+    options = list(cupy_.compile_options(kernel_file, 128, wgmma=True))
     assert "--gpu-architecture=sm_90a" in options
-    rc, log = _compile(nvrtc, "attention_fwd.cu", code, options)
+    rc, log = _compile(nvrtc, kernel_file, code, [*options, "--ptxas-options=-v"])
     assert rc == 0, f"{nvrtc.nvrtcGetErrorString(rc)}\n{log}"
     assert "warning" not in log, log
+    entries = re.findall(r"Compiling entry function '(attn_\w+)'", log)
+    assert len(entries) == 4, log  # bf16, f16, each with and without documents
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert spills and all(n == "0" for n in spills), log
+    assert "Performance Loss" not in log, log  # e.g. wgmma serialised by ptxas
 
 
 def test_wgmma_applies_only_where_it_can(monkeypatch):
-    """Hopper (9.0), head_dim 128, the forward, no tile override; MPIRING_WGMMA=0 turns it off."""
+    """Hopper (9.0), head_dim 128, no tile override of that kernel; MPIRING_WGMMA=0 turns
+    both off, =fwd / =bwd keeps one."""
     monkeypatch.delenv("MPIRING_WGMMA", raising=False)
-    assert cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
-    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="80")
-    assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="100")
-    assert not cupy_.wgmma_applies("attention_fwd.cu", 64, capability="90")
-    assert not cupy_.wgmma_applies("attention_bwd.cu", 128, capability="90")
+    for f in cupy_.KERNEL_FILES:
+        assert cupy_.wgmma_applies(f, 128, capability="90")
+        assert not cupy_.wgmma_applies(f, 128, capability="80")
+        assert not cupy_.wgmma_applies(f, 128, capability="100")
+        assert not cupy_.wgmma_applies(f, 64, capability="90")
     other = {**cupy_.TILES, 128: {**cupy_.TILES[128], "fwd": (4, 2, 32)}}
     assert not cupy_.wgmma_applies("attention_fwd.cu", 128, other, capability="90")
+    assert cupy_.wgmma_applies("attention_bwd.cu", 128, other, capability="90")
+    other = {**cupy_.TILES, 128: {**cupy_.TILES[128], "bwd": (4, 64, 64)}}
+    assert not cupy_.wgmma_applies("attention_bwd.cu", 128, other, capability="90")
     monkeypatch.setenv("MPIRING_WGMMA", "0")
+    assert not any(cupy_.wgmma_applies(f, 128, capability="90") for f in cupy_.KERNEL_FILES)
+    monkeypatch.setenv("MPIRING_WGMMA", "fwd")
+    assert cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
+    assert not cupy_.wgmma_applies("attention_bwd.cu", 128, capability="90")
+    monkeypatch.setenv("MPIRING_WGMMA", "bwd")
     assert not cupy_.wgmma_applies("attention_fwd.cu", 128, capability="90")
+    assert cupy_.wgmma_applies("attention_bwd.cu", 128, capability="90")
 
 
 def test_wgmma_probe_compiles_for_sm90a(nvrtc):

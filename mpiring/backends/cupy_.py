@@ -78,7 +78,7 @@ def kernel_sources() -> dict[str, str]:
 
 
 def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None, wgmma: bool = False) -> tuple[str, ...]:
-    """NVRTC options (defines) of one kernel file at one head dim; ``wgmma``: the forward's
+    """NVRTC options (defines) of one kernel file at one head dim; ``wgmma``: the file's
     Hopper variant (:func:`wgmma_applies`), compiled for ``sm_90a``."""
     t = (tiles or TILES)[head_dim]
     opts = [f"-DHEAD_DIM={head_dim}"]
@@ -88,13 +88,19 @@ def compile_options(kernel_file: str, head_dim: int, tiles: dict | None = None, 
         if wgmma:
             opts += ["-DFWD_WGMMA=1", f"-DFWD_WG_STAGES={wgmma_stages()}", "--gpu-architecture=sm_90a"]
     else:
-        opts += [f"-DBWD_NW={t['bwd'][0]}", f"-DBWD_BM={t['bwd'][1]}", f"-DBWD_BN={t['bwd'][2]}"]
+        nw, bm, bn = WGMMA_BWD_TILES if wgmma else t["bwd"]
+        opts += [f"-DBWD_NW={nw}", f"-DBWD_BM={bm}", f"-DBWD_BN={bn}"]
+        if wgmma:
+            opts += ["-DBWD_WGMMA=1", "--gpu-architecture=sm_90a"]
     return tuple(opts)
 
 
 # The wgmma forward's tiles (warps, m64 row blocks per warpgroup, keys): two warpgroups of
 # 64 query rows each, 128 keys per tile.
 WGMMA_FWD_TILES = (8, 1, 128)
+# The wgmma backward's tiles (warps, query rows per tile, keys per block): two warpgroups of
+# 64 keys each (the mma.sync backward's d128 shape).
+WGMMA_BWD_TILES = (8, 64, 128)
 
 
 def wgmma_stages() -> int:
@@ -103,16 +109,18 @@ def wgmma_stages() -> int:
 
 
 def wgmma_applies(kernel_file: str, head_dim: int, tiles: dict | None = None, capability: str | None = None) -> bool:
-    """The forward on Hopper's warpgroup MMA (``wgmma``, ``mpiring/kernels/wgmma.cuh``):
-    compute capability 9.0, head_dim 128, no forward tile override (its tiles are
-    :data:`WGMMA_FWD_TILES`), unless ``MPIRING_WGMMA=0``. ``capability``: e.g. ``"90"``
-    (default: the current device's). Where CuPy's NVRTC can't build it, the mma.sync
-    forward runs instead (with a warning)."""
-    if kernel_file != "attention_fwd.cu" or head_dim != 128:
+    """The kernel file's Hopper variant (warpgroup MMA, ``wgmma``, ``mpiring/kernels/wgmma.cuh``):
+    compute capability 9.0, head_dim 128, no tile override of that kernel (its tiles are
+    :data:`WGMMA_FWD_TILES` / :data:`WGMMA_BWD_TILES`). ``MPIRING_WGMMA``: ``1`` (default)
+    both kernels, ``0`` neither, ``fwd`` / ``bwd`` only that one. ``capability``: e.g.
+    ``"90"`` (default: the current device's). Where CuPy's NVRTC can't build it, the
+    mma.sync kernel runs instead (with a warning)."""
+    key = "fwd" if kernel_file == "attention_fwd.cu" else "bwd"
+    if head_dim != 128:
         return False
-    if tiles is not None and tuple(tiles[head_dim]["fwd"]) != tuple(TILES[head_dim]["fwd"]):
+    if tiles is not None and tuple(tiles[head_dim][key]) != tuple(TILES[head_dim][key]):
         return False
-    if os.environ.get("MPIRING_WGMMA", "1").strip() == "0":
+    if os.environ.get("MPIRING_WGMMA", "1").strip() not in ("1", key):
         return False
     if capability is None:
         import cupy
@@ -149,23 +157,24 @@ def _module(device_id: int, kernel_file: str, options: tuple[str, ...]):
 
 
 def _use_wgmma(device_id: int, kernel_file: str, head_dim: int, tiles=None) -> bool:
-    """:func:`wgmma_applies` on this device, and the wgmma forward compiles there."""
+    """:func:`wgmma_applies` on this device, and the wgmma variant compiles there."""
     import cupy
 
     if not wgmma_applies(kernel_file, head_dim, tiles, cupy.cuda.Device(device_id).compute_capability):
         return False
-    return _wgmma_compiles(device_id, head_dim, wgmma_stages())
+    return _wgmma_compiles(device_id, kernel_file, head_dim, wgmma_stages())
 
 
 @functools.cache
-def _wgmma_compiles(device_id: int, head_dim: int, stages: int) -> bool:
+def _wgmma_compiles(device_id: int, kernel_file: str, head_dim: int, stages: int) -> bool:
     try:
-        _module(device_id, "attention_fwd.cu", compile_options("attention_fwd.cu", head_dim, wgmma=True))
+        _module(device_id, kernel_file, compile_options(kernel_file, head_dim, wgmma=True))
         return True
     except Exception as exc:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: fall back, say so
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        warnings.warn(f"mpiring: the wgmma forward did not compile ({type(exc).__name__}: {first}); "
-                      "using the mma.sync forward", RuntimeWarning, stacklevel=2)
+        what = "forward" if kernel_file == "attention_fwd.cu" else "backward"
+        warnings.warn(f"mpiring: the wgmma {what} did not compile ({type(exc).__name__}: {first}); "
+                      f"using the mma.sync {what}", RuntimeWarning, stacklevel=2)
         return False
 
 
@@ -430,11 +439,16 @@ class CudaKernelBackend:
         sk = kv[0].shape[1]
         if b * h * sq * sk == 0:
             return
-        nw, bm, bn = self._tiles(d)["bwd"]
+        wg = _use_wgmma(st.q.device.id, "attention_bwd.cu", d, self.tiles)
+        nw, bm, bn = WGMMA_BWD_TILES if wg else self._tiles(d)["bwd"]
         cu = self._cu(mask)
-        # K, V; Q, dO double-buffered; P, dS; lse and delta double-buffered; each key's
-        # allowed query positions (int2).
-        smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4 + 8 * bn
+        # K, V; Q, dO double-buffered; lse and delta double-buffered; each key's allowed query
+        # positions (int2). mma.sync: rows padded by 8 (ldmatrix), P and dS; wgmma: dSᵀ, and
+        # 1 KB to align the swizzled tiles.
+        if wg:
+            smem = (2 * bn + 4 * bm) * d * 2 + bm * bn * 2 + 4 * bm * 4 + 8 * bn + 1024
+        else:
+            smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4 + 8 * bn
         sem = np.uint64(0)
         if self.deterministic:
             if st.dq_sem is None:

@@ -37,6 +37,19 @@
 #ifndef BWD_BN
 #define BWD_BN 128
 #endif
+// BWD_WGMMA=1 (sm_90a, head_dim 128, 8 warps, BM 64, BN 128): the five products on Hopper's
+// warpgroup MMA (wgmma.cuh), FlashAttention-3's way. Warpgroup g owns keys 64g…64g+63 and
+// computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for them, so Pᵀ and dSᵀ come out in registers as the
+// A operands of dV += Pᵀ·dO and dK += dSᵀ·Q; dSᵀ also goes to shared memory (keys × queries,
+// swizzled), from where dQ = dS·K reads it as an M-major A operand, warpgroup g taking
+// dims 64g…64g+63. Q, dO, K, V sit in 128-byte-swizzled tiles (load_rows_sw128); the
+// work order, masks, documents and the deterministic dQ order are the mma.sync path's.
+#ifndef BWD_WGMMA
+#define BWD_WGMMA 0
+#endif
+#if BWD_WGMMA
+#include "wgmma.cuh"
+#endif
 
 template <typename T, int D, int NW, int BM, int BN, bool DOCS>
 __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u16* __restrict__ k,
@@ -46,20 +59,29 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
                                               float* __restrict__ dkv, int* __restrict__ dq_sem, int B, int H, int Hkv, int Sq,
                                               int Sk, float scale_log2, float scale, Segs qs, Segs ks,
                                               MaskInfo<DOCS> mask) {
-  const int NT = 32 * NW, LD = D + 8, LP = BN + 8;
+  constexpr bool WG = BWD_WGMMA;
+  static_assert(!WG || (NW == 8 && BM == 64 && BN == 128 && D == 128), "BWD_WGMMA: d128, 8 warps, 64 × 128 tiles");
+  // mma.sync reads rows padded to D + 8 (ldmatrix without bank conflicts); wgmma reads
+  // unpadded swizzled tiles.
+  const int NT = 32 * NW, LD = WG ? D : D + 8, LP = BN + 8;
   // Warp grids of the three phases (each warp: 32 rows = two 16-row MMA blocks).
   const int WM1 = BM / 32, KW1 = BN / (NW / WM1);  // S, dP: 32 queries × KW1 keys per warp
-  const int KW2 = 32, DW2 = D / (NW / (BN / 32));  // dV, dK: 32 keys × DW2 dims
+  const int DW2 = D / (NW / (BN / 32));            // dV, dK: 32 keys × DW2 dims
   const int DW3 = D / (NW / (BM / 32));            // dQ: 32 queries × DW3 dims
   static_assert(KW1 % 16 == 0 && DW2 % 16 == 0 && DW3 % 16 == 0, "tile shape does not split over the warps");
-  extern __shared__ uint4 smem_u4[];
+  // dK/dV accumulators of this thread: MI2 row blocks of 16 keys × NB2 blocks of 8 dims
+  // (wgmma: the warp's 16 keys of its warpgroup's 64, all D dims).
+  constexpr int MI2 = WG ? 1 : 2, NB2 = WG ? D / 8 : DW2 / 8;
+  extern __shared__ __align__(1024) uint4 smem_u4[];
   u16* sK = reinterpret_cast<u16*>(smem_u4);
+  // wgmma's swizzled tiles need 1024-byte alignment (the launcher adds 1 KB for it).
+  if (WG) sK += ((1024 - (smem_addr(smem_u4) & 1023)) & 1023) / 2;
   u16* sV = sK + BN * LD;
   u16* sQ = sV + BN * LD;        // [2][BM][LD]
   u16* sdO = sQ + 2 * BM * LD;   // [2][BM][LD]
-  u16* sP = sdO + 2 * BM * LD;   // [BM][LP]: P in the input dtype
-  u16* sdS = sP + BM * LP;       // [BM][LP]: dS
-  float* sL = reinterpret_cast<float*>(sdS + BM * LP);  // [2][BM]: lse2
+  u16* sP = sdO + 2 * BM * LD;   // [BM][LP]: P in the input dtype (mma.sync only)
+  u16* sdS = sP + (WG ? 0 : BM * LP);  // mma.sync: [BM][LP] dS; wgmma: dSᵀ [BN][BM] swizzled
+  float* sL = reinterpret_cast<float*>(sdS + (WG ? BN * BM : BM * LP));  // [2][BM]: lse2
   float* sD = sL + 2 * BM;                             // [2][BM]: delta
   int2* sCol = reinterpret_cast<int2*>(sD + 2 * BM);  // [BN] the query positions each key may meet
 
@@ -118,8 +140,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     const int h = hk * G + w.x, i0 = w.y * BM;
     if (dq_sem != 0 && threadIdx.x == 0) sTarget[st] = jt - mask.key_tiles_before(qs, i0, ks, Sk, BN);
     const long long off = ((long long)b * Sq * H + h) * D;
-    load_rows<BM, D, NT>(sQ + st * BM * LD, q + off, q_stride, i0, Sq);
-    load_rows<BM, D, NT>(sdO + st * BM * LD, dout + off, q_stride, i0, Sq);
+    load_tile<WG, BM, D, NT>(sQ + st * BM * LD, q + off, q_stride, i0, Sq);
+    load_tile<WG, BM, D, NT>(sdO + st * BM * LD, dout + off, q_stride, i0, Sq);
     // lse2 and delta rows, copied asynchronously like Q and dO (a plain load here stalled
     // the loading warps, and the block at the next barrier, for a global-memory latency
     // per query tile). Padding rows read 0: their Q and dO rows are zero, so P there
@@ -146,17 +168,18 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     mask.queries_window(p, p, cs, lo, hi);
     sCol[c] = j0 + c < Sk ? make_int2(lo, hi) : make_int2(1, 0);
   }
-  load_rows<BN, D, NT>(sK, gk, k_stride, j0, Sk);
-  load_rows<BN, D, NT>(sV, gv, k_stride, j0, Sk);
+  load_tile<WG, BN, D, NT>(sK, gk, k_stride, j0, Sk);
+  load_tile<WG, BN, D, NT>(sV, gv, k_stride, j0, Sk);
   prefetch(w, 0);
   cp_async_commit();
 
+#if !BWD_WGMMA
   // Phase 1 (S = Q·Kᵀ, dP = dO·Vᵀ): warp rows m1, keys n1.
   const int m1 = (warp % WM1) * 32, n1 = (warp / WM1) * KW1;
   const u32 qa = smem_addr(sQ) + 2 * (m1 * LD + lds_a<LD>(lane)), oa = smem_addr(sdO) + 2 * (m1 * LD + lds_a<LD>(lane));
   const u32 kb = smem_addr(sK) + 2 * (n1 * LD + lds_b<LD>(lane)), vb = smem_addr(sV) + 2 * (n1 * LD + lds_b<LD>(lane));
   // Phase 2 (dV += Pᵀ·dO, dK += dSᵀ·Q): warp keys n2, dims d2; Pᵀ/dSᵀ are P/dS read transposed.
-  const int n2 = (warp % (BN / 32)) * KW2, d2 = (warp / (BN / 32)) * DW2;
+  const int n2 = (warp % (BN / 32)) * 32, d2 = (warp / (BN / 32)) * DW2;
   const int at_off = ((lane >> 4) * 8 + (lane & 7)) * LP + ((lane >> 3) & 1) * 8;  // A = Xᵀ from X [k][m]
   const u32 pta = smem_addr(sP) + 2 * (n2 + at_off), dsta = smem_addr(sdS) + 2 * (n2 + at_off);
   const u32 obt = smem_addr(sdO) + 2 * (d2 + lds_bt<LD>(lane)), qbt = smem_addr(sQ) + 2 * (d2 + lds_bt<LD>(lane));
@@ -164,12 +187,28 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   const int m3 = (warp % (BM / 32)) * 32, d3 = (warp / (BM / 32)) * DW3;
   const u32 dsa = smem_addr(sdS) + 2 * (m3 * LP + lds_a<LP>(lane));
   const u32 kbt = smem_addr(sK) + 2 * (d3 + lds_bt<LD>(lane));
+  // This thread's dK/dV rows (keys) key_row(mi) + lane/4 + 8·hr, dims dim0 + 8n + 2·(lane%4) + e;
+  // its dQ rows q_row(mi) + lane/4 + 8·hr, dims q_dim0 + 8n + 2·(lane%4) + e.
+  auto key_row = [&](int mi) { return n2 + mi * 16; };
+  const int dim0 = d2;
+  auto q_row = [&](int mi) { return m3 + mi * 16; };
+  const int q_dim0 = d3;
+  constexpr int MI3 = 2, NB3 = DW3 / 8;
+#else
+  const int g = warp / 4, wr = 16 * (warp % 4);  // warpgroup g: keys (and dQ dims) 64g…; the warp's 16 rows
+  auto key_row = [&](int) { return 64 * g + wr; };
+  const int dim0 = 0;
+  auto q_row = [&](int) { return wr; };
+  const int q_dim0 = 64 * g;
+  constexpr int MI3 = 1, NB3 = 8;
+  const u32 sk0 = smem_addr(sK), sv0 = smem_addr(sV), sds0 = smem_addr(sdS);
+#endif
 
-  float dk[2][DW2 / 8][4], dv[2][DW2 / 8][4];
+  float dk[MI2][NB2][4], dv[MI2][NB2][4];
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI2; ++mi)
 #pragma unroll
-    for (int n = 0; n < DW2 / 8; ++n)
+    for (int n = 0; n < NB2; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) dk[mi][n][e] = dv[mi][n][e] = 0.f;
 
@@ -181,15 +220,127 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     // A/B). This one: this tile's rows have landed, and every warp is done with the previous
     // tile, so the next tile's rows may now go to the other stage, and phase 1 may rewrite P, dS.
     cp_async_wait<0>();
+#if BWD_WGMMA
+    WG_PROXY_FENCE();  // this thread's copies, now complete, for wgmma's reads
+#endif
     __syncthreads();
     if (wn.x < G) prefetch(wn, stage ^ 1);
     cp_async_commit();
     const int h = hk * G + w.x, t = w.y, i0 = t * BM;
     int* const sem = dq_sem == 0 ? 0 : dq_sem + 1 + ((long long)b * H + h) * nqt + t;
-    const u32 so = stage * (2 * BM * LD);
     const float* sLs = sL + stage * BM;
     const float* sDs = sD + stage * BM;
+    // The previous tile's counter is raised, and this tile's read, after the barrier that
+    // follows phase 1 (see raise_and_peek's caller below).
+    int seen = 0;
+    auto raise_and_peek = [&]() {
+      // Raise the previous tile's counter now, not right after its adds: by now they have
+      // landed, so the fence before the raise does not stall the block.
+      if (added != 0 && threadIdx.x == 0) release_add(added);
+      added = 0;
+      // Each warp reads its query tile's counter now, a phase before it needs it: by then the
+      // key tile before ours (one query tile ahead) has usually raised it, and the load's
+      // latency hides under phase 2 instead of stalling the block at the wait.
+      // A relaxed load at gpu scope (read at L2; no L1 invalidation): as an acquire load its
+      // CCTL.IVALL waited for the value on the spot, 4 % of the stall samples (Nsight Compute,
+      // sixth session). Our dQ reds still land after the adds it vouches for: they are issued
+      // only after the value came back (lane 0 branches on it, __syncwarp follows; GPUs do not
+      // issue memory operations speculatively), and the raise it saw was made after a
+      // fence.acq_rel that waited until the earlier tile's reds were performed at L2. A counter
+      // found short is awaited with acquire loads (wait_at_least).
+      if (sem != 0 && lane == 0) seen = ld_relaxed(sem);
+    };
+    float dq[MI3][NB3][4];
 
+#if BWD_WGMMA
+    {
+      const u32 q0 = smem_addr(sQ) + stage * (2 * BM * D), o0 = smem_addr(sdO) + stage * (2 * BM * D);
+      // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warpgroup's 64 keys × the BM queries. All four operands
+      // K-major: an m64 block of K/V is 8 groups of 1024 B; k-step kk is +32 B in atom column
+      // kk/4, atom columns rows·128 B apart.
+      float s[BM / 8][4], dp[BM / 8][4];
+      WG_FENCE();
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        Wg<T>::template ss_n64<0, 0>(s, wg_desc(sk0 + g * 8192 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024),
+                                     wg_desc(q0 + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024), kk);
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        Wg<T>::template ss_n64<0, 0>(dp, wg_desc(sv0 + g * 8192 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024),
+                                     wg_desc(o0 + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024), kk);
+      WG_COMMIT();
+      WG_WAIT0();
+      wg_keep(s);
+      wg_keep(dp);
+      // Fragment rows are keys (key_row + lane/4 + 8·hr), columns queries 8n + 2·(lane%4) + e.
+      const bool mixed = tile_class(t) == 2;
+      if (mixed) {  // masked scores → −inf (scale_log2 > 0: the launcher sees to it), so p = 0
+        int2 kw[2];
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) kw[hr] = sCol[key_row(0) + lane / 4 + 8 * hr];
+#pragma unroll
+        for (int n = 0; n < BM / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int qp = qs.pos(min(i0 + n * 8 + 2 * (lane % 4) + e, Sq - 1));
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr)
+              if (qp < kw[hr].x || qp > kw[hr].y) s[n][2 * hr + e] = -__int_as_float(0x7f800000);
+          }
+      }
+      // Pᵀ and dSᵀ (scale folded in, as in the mma.sync path) straight into A fragments:
+      // query block kk of 16 is fragments 2kk, 2kk + 1 (the forward's pack_p layout).
+      u32 pa[BM / 16][4], da[BM / 16][4];
+#pragma unroll
+      for (int n = 0; n < BM / 8; ++n) {
+        const int c = n * 8 + 2 * (lane % 4);
+        const float2 lr = *reinterpret_cast<const float2*>(sLs + c), dl = *reinterpret_cast<const float2*>(sDs + c);
+        const float dr[2] = {dl.x * scale, dl.y * scale};
+        float p[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[e] = ex2(s[n][e] * scale_log2 - (e % 2 ? lr.y : lr.x));
+          ds[e] = p[e] * fmaf(dp[n][e], scale, -dr[e % 2]);
+        }
+#pragma unroll
+        for (int hr = 0; hr < 2; ++hr) {
+          pa[n / 2][2 * (n % 2) + hr] = Ops<T>::pack(p[2 * hr], p[2 * hr + 1]);
+          da[n / 2][2 * (n % 2) + hr] = Ops<T>::pack(ds[2 * hr], ds[2 * hr + 1]);
+          // dSᵀ to shared memory: key row r (r % 8 = lane/4) at (r/8)·1024 + (r%8)·128 B, its
+          // 16-byte chunk n swizzled to n ^ (r%8): the 32 lanes hit 32 banks.
+          const int r = key_row(0) + lane / 4 + 8 * hr;
+          const u32 off = (r / 8) * 1024 + (lane / 4) * 128 + ((n ^ (lane / 4)) * 16) + (lane % 4) * 4;
+          asm volatile("st.shared.b32 [%0], %1;" ::"r"(sds0 + off), "r"(da[n / 2][2 * (n % 2) + hr]) : "memory");
+        }
+      }
+      WG_PROXY_FENCE();  // the dSᵀ stores, for the dQ product's reads (after the barrier)
+      // dV += Pᵀ·dO and dK += dSᵀ·Q over the BM queries: dO and Q N-major (a 16-query step is
+      // 2048 B; LBO = the distance between D's two atom columns).
+      WG_FENCE();
+#pragma unroll
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        Wg<T>::rs_n128(dv[0], pa[kk], wg_desc(o0 + kk * 2048, BM * 128, 1024));
+        Wg<T>::rs_n128(dk[0], da[kk], wg_desc(q0 + kk * 2048, BM * 128, 1024));
+      }
+      WG_COMMIT();
+      __syncthreads();  // dSᵀ complete (both warpgroups)
+      raise_and_peek();
+      // dQ (BM queries × this warpgroup's 64 dims) = dS·K: dS M-major from dSᵀ (16-key step
+      // 2048 B), K N-major in atom column g.
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk)
+        Wg<T>::template ss_n64<1, 1>(dq[0], wg_desc(sds0 + kk * 2048, BN * 128, 1024),
+                                     wg_desc(sk0 + g * BN * 128 + kk * 2048, BN * 128, 1024), kk);
+      WG_COMMIT();
+      WG_WAIT0();
+      wg_keep(pa);
+      wg_keep(da);
+      wg_keep(dk);
+      wg_keep(dv);
+      wg_keep(dq);
+    }
+#else
+    const u32 so = stage * (2 * BM * LD);
     {  // Phase 1: S and dP for 32 queries × KW1 keys, then P and dS (input dtype) to shared memory.
       float s[2][KW1 / 8][4], dp[2][KW1 / 8][4];
 #pragma unroll
@@ -266,22 +417,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
     }
     __syncthreads();  // P, dS complete
-    // Raise the previous tile's counter now, not right after its adds: by now they have
-    // landed, so the fence before the raise does not stall the block.
-    if (added != 0 && threadIdx.x == 0) release_add(added);
-    added = 0;
-    // Each warp reads its query tile's counter now, a phase before it needs it: by then the
-    // key tile before ours (one query tile ahead) has usually raised it, and the load's
-    // latency hides under phase 2 instead of stalling the block at the wait.
-    // A relaxed load at gpu scope (read at L2; no L1 invalidation): as an acquire load its
-    // CCTL.IVALL waited for the value on the spot, 4 % of the stall samples (Nsight Compute,
-    // sixth session). Our dQ reds still land after the adds it vouches for: they are issued
-    // only after the value came back (lane 0 branches on it, __syncwarp follows; GPUs do not
-    // issue memory operations speculatively), and the raise it saw was made after a
-    // fence.acq_rel that waited until the earlier tile's reds were performed at L2. A counter
-    // found short is awaited with acquire loads (wait_at_least).
-    int seen = 0;
-    if (sem != 0 && lane == 0) seen = ld_relaxed(sem);
+    raise_and_peek();
 
     // Phase 2: dV += Pᵀ·dO, dK += dSᵀ·Q over the BM queries.
 #pragma unroll
@@ -307,8 +443,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       }
     }
 
-    {  // Phase 3: dQ (32 queries × DW3 dims per warp) += dS · K (dS holds the scale), reduced into dq_acc.
-      float dq[2][DW3 / 8][4];
+    {  // Phase 3: dQ (32 queries × DW3 dims per warp) = dS · K (dS holds the scale).
 #pragma unroll
       for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
@@ -329,24 +464,26 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
           }
         }
       }
-      if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
-        // Per warp (lane 0 waits, __syncwarp orders the warp's adds after it): no block barrier.
-        const int target = sTarget[stage];
-        if (lane == 0 && seen < target) wait_at_least(sem, target);
-        __syncwarp();
-      }
-      // One 64-bit address per query tile; rows are 32-bit offsets from it.
-      float* const dq_tile = dq_acc + ((long long)b * Sq + i0) * q_stride + h * D + d3 + 2 * (lane % 4);
+    }
+#endif
+    // dQ reduced into dq_acc.
+    if (sem != 0) {  // our turn: the key tiles before ours that meet query tile t have added
+      // Per warp (lane 0 waits, __syncwarp orders the warp's adds after it): no block barrier.
+      const int target = sTarget[stage];
+      if (lane == 0 && seen < target) wait_at_least(sem, target);
+      __syncwarp();
+    }
+    {  // One 64-bit address per query tile; rows are 32-bit offsets from it.
+      float* const dq_tile = dq_acc + ((long long)b * Sq + i0) * q_stride + h * D + q_dim0 + 2 * (lane % 4);
 #pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
+      for (int mi = 0; mi < MI3; ++mi)
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          const int r = m3 + mi * 16 + lane / 4 + 8 * hr;
+          const int r = q_row(mi) + lane / 4 + 8 * hr;
           if (r >= Sq - i0) continue;
           float* row = dq_tile + r * (int)q_stride;
 #pragma unroll
-          for (int n = 0; n < DW3 / 8; ++n)
-            red_add2(row + n * 8, dq[mi][n][2 * hr], dq[mi][n][2 * hr + 1]);
+          for (int n = 0; n < NB3; ++n) red_add2(row + n * 8, dq[mi][n][2 * hr], dq[mi][n][2 * hr + 1]);
         }
     }
     // No barrier here: the next tile's first barrier (above) keeps P, dS and this stage's
@@ -360,15 +497,15 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
 
   // dK/dV partials of this block's keys: one read-add-write each (the block owns them).
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+  for (int mi = 0; mi < MI2; ++mi)
 #pragma unroll
     for (int hr = 0; hr < 2; ++hr) {
-      const int j = j0 + n2 + mi * 16 + lane / 4 + 8 * hr;
+      const int j = j0 + key_row(mi) + lane / 4 + 8 * hr;
       if (j >= Sk) continue;
-      float* rk = dkv + ((long long)b * Sk + j) * k_stride + hk * D + d2 + 2 * (lane % 4);
+      float* rk = dkv + ((long long)b * Sk + j) * k_stride + hk * D + dim0 + 2 * (lane % 4);
       float* rv = rk + (long long)B * Sk * k_stride;
 #pragma unroll
-      for (int n = 0; n < DW2 / 8; ++n) {
+      for (int n = 0; n < NB2; ++n) {
         float2 x = *reinterpret_cast<float2*>(rk + n * 8), y = *reinterpret_cast<float2*>(rv + n * 8);
         x.x += dk[mi][n][2 * hr];
         x.y += dk[mi][n][2 * hr + 1];

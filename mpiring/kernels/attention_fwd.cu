@@ -138,14 +138,9 @@ __device__ __forceinline__ void attn_fwd_body(
       mask.keys_window(p, p, rs, lo, hi);
       sRow[r] = make_int2(lo, hi);
     }
-  // wgmma: 128-byte-swizzled tiles (wgmma.cuh); mma.sync: rows padded to LD.
+  // wgmma: 128-byte-swizzled tiles; mma.sync: rows padded to LD.
   auto load = [&](auto rows, u16* dst, const u16* src, long long stride, int row0, int n) {
-    constexpr int R = decltype(rows)::value;
-#if FWD_WGMMA
-    load_rows_sw128<R, D, NT>(dst, src, stride, row0, n);
-#else
-    load_rows<R, D, NT>(dst, src, stride, row0, n);
-#endif
+    load_tile<WG, decltype(rows)::value, D, NT>(dst, src, stride, row0, n);
   };
   if (t < nkt) {
     load(Int<BM>(), sQ, gq, q_stride, i0, Sq);

@@ -154,6 +154,36 @@ __device__ __forceinline__ void load_rows(u16* s, const u16* g, long long stride
   }
 }
 
+// cp.async ROWS rows × D columns (D a multiple of 64) from global rows row0… (stride in
+// elements) into a 128-byte-swizzled tile; rows ≥ nrows are zero-filled. The tile is D/64
+// "atom columns" of ROWS rows × 128 B (64 elements), ROWS·128 B apart; in each, row r sits
+// at (r/8)·1024 + (r%8)·128 B with its 16-byte chunk j at chunk j ^ (r%8) (the hardware's
+// 128B swizzle; the tile must be 1024-byte aligned). Eight lanes copy one row's 128 B: the
+// global read is one contiguous segment and the shared write one 128-byte line.
+template <int ROWS, int D, int NT>
+__device__ __forceinline__ void load_rows_sw128(u16* s, const u16* g, long long stride, int row0, int nrows) {
+  constexpr int UNITS = ROWS * (D / 8);
+  static_assert(ROWS % 8 == 0 && D % 64 == 0 && UNITS % NT == 0, "swizzled copy shape");
+  const u16* base = g + row0 * stride;
+  const u32 sa = smem_addr(s);
+  const int left = nrows - row0, st = (int)stride;
+#pragma unroll
+  for (int k = 0; k < UNITS / NT; ++k) {
+    const int idx = threadIdx.x + k * NT, j = idx % 8, rest = idx / 8, r = rest % ROWS, a = rest / ROWS;
+    const int dst = a * ROWS * 64 + (r / 8) * 512 + (r % 8) * 64 + ((j ^ (r % 8)) * 8);
+    cp_async16(sa + 2 * dst, base + (r * st + a * 64 + j * 8), r < left);
+  }
+}
+
+// A tile of ROWS rows: 128-byte-swizzled for wgmma (SW128), else padded rows for ldmatrix.
+template <bool SW128, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile(u16* s, const u16* g, long long stride, int row0, int nrows) {
+  if constexpr (SW128)
+    load_rows_sw128<ROWS, D, NT>(s, g, stride, row0, nrows);
+  else
+    load_rows<ROWS, D, NT>(s, g, stride, row0, nrows);
+}
+
 #include "mask.cuh"
 
 // Ordered accumulation (deterministic dQ): a counter per output tile, raised by one

@@ -1,38 +1,19 @@
-// Hopper warpgroup MMA (wgmma, sm_90a only) for the forward kernel's FWD_WGMMA variant.
+// Hopper warpgroup MMA (wgmma, sm_90a only) for the FWD_WGMMA forward and the BWD_WGMMA
+// backward.
 //
 // Shared-memory operands (Q, K, V alike) use the 128-byte-swizzle layout of
-// load_rows_sw128. Descriptors (bench/wgmma_probe.py measured them on an H100): Q and K
+// load_rows_sw128 (common.cuh). Descriptors (bench/wgmma_probe.py measured them on an H100): Q and K
 // are K-major (rows × D): SBO = 1024 B between 8-row groups, LBO unused, a k16 step is
 // +32 B inside a 64-element atom column and the next atom column ROWS·128 B on. V is
 // N-major for P·V (imm-trans-b = 1): SBO = 1024 B between 8-key groups, LBO = the distance
-// between the two 64-wide atom columns of D, a 16-key step +2048 B.
+// between the two 64-wide atom columns of D, a 16-key step +2048 B. The backward's
+// M-major A (dS for dQ, stored keys × queries, imm-trans-a = 1) takes the N-major form.
 // Accumulators follow mma.sync's m16n8 C layout per warp (warp w of the warpgroup holds rows
 // 16w…16w+15 of the m64 tile), and a register A operand mma.sync's A-fragment layout, so
 // the online softmax and the P fragments are exactly those of the mma.sync path.
 #pragma once
 
 typedef unsigned long long u64;
-
-// cp.async ROWS rows × D columns (D a multiple of 64) from global rows row0… (stride in
-// elements) into a 128-byte-swizzled tile; rows ≥ nrows are zero-filled. The tile is D/64
-// "atom columns" of ROWS rows × 128 B (64 elements), ROWS·128 B apart; in each, row r sits
-// at (r/8)·1024 + (r%8)·128 B with its 16-byte chunk j at chunk j ^ (r%8) (the hardware's
-// 128B swizzle; the tile must be 1024-byte aligned). Eight lanes copy one row's 128 B: the
-// global read is one contiguous segment and the shared write one 128-byte line.
-template <int ROWS, int D, int NT>
-__device__ __forceinline__ void load_rows_sw128(u16* s, const u16* g, long long stride, int row0, int nrows) {
-  constexpr int UNITS = ROWS * (D / 8);
-  static_assert(ROWS % 8 == 0 && D % 64 == 0 && UNITS % NT == 0, "swizzled copy shape");
-  const u16* base = g + row0 * stride;
-  const u32 sa = smem_addr(s);
-  const int left = nrows - row0, st = (int)stride;
-#pragma unroll
-  for (int k = 0; k < UNITS / NT; ++k) {
-    const int idx = threadIdx.x + k * NT, j = idx % 8, rest = idx / 8, r = rest % ROWS, a = rest / ROWS;
-    const int dst = a * ROWS * 64 + (r / 8) * 512 + (r % 8) * 64 + ((j ^ (r % 8)) * 8);
-    cp_async16(sa + 2 * dst, base + (r * st + a * 64 + j * 8), r < left);
-  }
-}
 
 // Shared-memory matrix descriptor, 128-byte swizzle (mode 1 in bits 62–63): address, LBO
 // and SBO in 16-byte units.
@@ -88,12 +69,28 @@ __device__ __forceinline__ void wg_keep(X (&a)[N]) {
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                              \
   }
 
+#define WG_R32                                                                                                \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, " \
+  "%23, %24, %25, %26, %27, %28, %29, %30, %31}"
+// d (m64 × n64, fp32) = (accumulate ? d : 0) + A·B, both in shared memory; TA / TB: A is
+// M-major / B is N-major (imm-trans 1), else K-major (the backward's Sᵀ, dPᵀ and dQ).
+#define WG_SS_N64(TY)                                                                                        \
+  template <int TA, int TB>                                                                                  \
+  __device__ __forceinline__ static void ss_n64(float (&d)[8][4], u64 da, u64 db, int accumulate) {          \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_R32 ", %32, %33, p, 1, 1, %35, %36;\n}\n" \
+                 : WG_F32(d)                                                                                  \
+                 : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));                                      \
+  }
+
 template <typename T> struct Wg;
 template <> struct Wg<bf16_t> {
   WG_SS_N128("bf16")
   WG_RS_N128("bf16")
+  WG_SS_N64("bf16")
 };
 template <> struct Wg<f16_t> {
   WG_SS_N128("f16")
   WG_RS_N128("f16")
+  WG_SS_N64("f16")
 };
