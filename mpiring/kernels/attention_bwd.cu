@@ -258,22 +258,20 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       // Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ: this warpgroup's 64 keys × the BM queries. All four operands
       // K-major: an m64 block of K/V is 8 groups of 1024 B; k-step kk is +32 B in atom column
       // kk/4, atom columns rows·128 B apart.
-      // Four commit groups, so that the softmax side runs under the tensor cores: Sᵀ; dPᵀ
-      // (computed while P is); dV (while dS is); dK (while dSᵀ is stored and the block meets).
       float s[BM / 8][4], dp[BM / 8][4];
       WG_FENCE();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         Wg<T>::template ss_n64<0, 0>(s, wg_desc(sk0 + g * 8192 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024),
                                      wg_desc(q0 + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024), kk);
-      WG_COMMIT();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
         Wg<T>::template ss_n64<0, 0>(dp, wg_desc(sv0 + g * 8192 + (kk / 4) * BN * 128 + (kk % 4) * 32, 16, 1024),
                                      wg_desc(o0 + (kk / 4) * BM * 128 + (kk % 4) * 32, 16, 1024), kk);
       WG_COMMIT();
-      WG_WAIT1();  // Sᵀ (dPᵀ may still run)
+      WG_WAIT0();
       wg_keep(s);
+      wg_keep(dp);
       // Fragment rows are keys (key_row + lane/4 + 8·hr), columns queries 8n + 2·(lane%4) + e.
       const bool mixed = tile_class(t) == 2;
       if (mixed) {  // masked scores → −inf (scale_log2 > 0: the launcher sees to it), so p = 0
@@ -291,33 +289,23 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
           }
       }
       // Pᵀ and dSᵀ (scale folded in, as in the mma.sync path) straight into A fragments:
-      // query block kk of 16 is fragments 2kk, 2kk + 1 (the forward's pack_p layout). P
-      // replaces S in place.
+      // query block kk of 16 is fragments 2kk, 2kk + 1 (the forward's pack_p layout).
       u32 pa[BM / 16][4], da[BM / 16][4];
 #pragma unroll
       for (int n = 0; n < BM / 8; ++n) {
-        const float2 lr = *reinterpret_cast<const float2*>(sLs + n * 8 + 2 * (lane % 4));
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = ex2(s[n][e] * scale_log2 - (e % 2 ? lr.y : lr.x));
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) pa[n / 2][2 * (n % 2) + hr] = Ops<T>::pack(s[n][2 * hr], s[n][2 * hr + 1]);
-      }
-      // dV += Pᵀ·dO over the BM queries: dO N-major (a 16-query step is 2048 B; LBO = the
-      // distance between D's two atom columns).
-      WG_FENCE();
-#pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) Wg<T>::rs_n128(dv[0], pa[kk], wg_desc(o0 + kk * 2048, BM * 128, 1024));
-      WG_COMMIT();
-      WG_WAIT1();  // dPᵀ (dV may still run)
-      wg_keep(dp);
-#pragma unroll
-      for (int n = 0; n < BM / 8; ++n) {
-        const float2 dl = *reinterpret_cast<const float2*>(sDs + n * 8 + 2 * (lane % 4));
+        const int c = n * 8 + 2 * (lane % 4);
+        const float2 lr = *reinterpret_cast<const float2*>(sLs + c), dl = *reinterpret_cast<const float2*>(sDs + c);
         const float dr[2] = {dl.x * scale, dl.y * scale};
+        float p[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          p[e] = ex2(s[n][e] * scale_log2 - (e % 2 ? lr.y : lr.x));
+          ds[e] = p[e] * fmaf(dp[n][e], scale, -dr[e % 2]);
+        }
 #pragma unroll
         for (int hr = 0; hr < 2; ++hr) {
-          da[n / 2][2 * (n % 2) + hr] = Ops<T>::pack(s[n][2 * hr] * fmaf(dp[n][2 * hr], scale, -dr[0]),
-                                                     s[n][2 * hr + 1] * fmaf(dp[n][2 * hr + 1], scale, -dr[1]));
+          pa[n / 2][2 * (n % 2) + hr] = Ops<T>::pack(p[2 * hr], p[2 * hr + 1]);
+          da[n / 2][2 * (n % 2) + hr] = Ops<T>::pack(ds[2 * hr], ds[2 * hr + 1]);
           // dSᵀ to shared memory: key row r (r % 8 = lane/4) at (r/8)·1024 + (r%8)·128 B, its
           // 16-byte chunk n swizzled to n ^ (r%8): the 32 lanes hit 32 banks.
           const int r = key_row(0) + lane / 4 + 8 * hr;
@@ -326,10 +314,14 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
         }
       }
       WG_PROXY_FENCE();  // the dSᵀ stores, for the dQ product's reads (after the barrier)
-      // dK += dSᵀ·Q, Q N-major as dO above.
+      // dV += Pᵀ·dO and dK += dSᵀ·Q over the BM queries: dO and Q N-major (a 16-query step is
+      // 2048 B; LBO = the distance between D's two atom columns).
       WG_FENCE();
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) Wg<T>::rs_n128(dk[0], da[kk], wg_desc(q0 + kk * 2048, BM * 128, 1024));
+      for (int kk = 0; kk < BM / 16; ++kk) {
+        Wg<T>::rs_n128(dv[0], pa[kk], wg_desc(o0 + kk * 2048, BM * 128, 1024));
+        Wg<T>::rs_n128(dk[0], da[kk], wg_desc(q0 + kk * 2048, BM * 128, 1024));
+      }
       WG_COMMIT();
       __syncthreads();  // dSᵀ complete (both warpgroups)
       raise_and_peek();

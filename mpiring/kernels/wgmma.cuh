@@ -25,7 +25,6 @@ __device__ __forceinline__ u64 wg_desc(u32 saddr, u32 lbo, u32 sbo) {
 #define WG_FENCE() asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory")
 #define WG_COMMIT() asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory")
 #define WG_WAIT0() asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory")
-#define WG_WAIT1() asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory")
 // Writes to shared memory by this thread (cp.async, once complete) become visible to the
 // async proxy that wgmma reads through; the block barrier after it publishes them.
 #define WG_PROXY_FENCE() asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory")
