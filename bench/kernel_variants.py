@@ -123,6 +123,9 @@ VARIANTS = {
     # backward, deterministic dQ: tickets in groups of 4 / 16 heads, key tiles in order
     "bwd-det-groups4": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(4))],
     "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(16))],
+    # deterministic: one head's key tiles in a row (eighth session: with 32 heads, 132 blocks
+    # in flight cover ~4 key tiles of every head, each streaming its Q, dO and dQ rows)
+    "bwd-det-keys-fastest": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(1))],
     # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
     "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
     # (sixth session) The relaxed early counter read and the two barriers per query tile,
