@@ -60,20 +60,7 @@ _BWD_KEYS_FASTEST_ATOMIC = _BWD_GRID + """  if (dq_sem == 0) {
     if (bx >= (int)gridDim.x) return;
   }
 """
-_BWD_TICKET = "    bx = ticket % gridDim.x;\n    jt = ticket / gridDim.x;\n"
-
-
-def _ticket_groups(heads: int) -> str:
-    """Deterministic tickets in groups of ``heads`` (batch·kv head) rows, key tiles of a
-    group in order, heads fastest within a group (needs gridDim.x divisible by it)."""
-    return f"""    {{
-      const int nk = (Sk + BN - 1) / BN, gh = min({heads}, (int)gridDim.x);
-      const int grp = ticket / (gh * nk), rem = ticket % (gh * nk);
-      bx = grp * gh + rem % gh;
-      jt = rem / gh;
-      if (bx >= (int)gridDim.x) return;
-    }}
-"""
+_BWD_TICKET = "#define TICKET_GROUP 4\n"
 
 
 _WAIT_WARP = """        const int target = sTarget[stage];
@@ -120,12 +107,14 @@ VARIANTS = {
     "fwd-tiles-fastest": [("attention_fwd.cu", _FWD_MAP, _FWD_TILES_FASTEST)],
     # backward, atomic dQ: key tiles fastest (one head's blocks side by side: its Q, dO, dQ in L2)
     "bwd-keys-fastest-atomic": [("attention_bwd.cu", _BWD_GRID, _BWD_KEYS_FASTEST_ATOMIC)],
-    # backward, deterministic dQ: tickets in groups of 4 / 16 heads, key tiles in order
-    "bwd-det-groups4": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(4))],
-    "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(16))],
-    # deterministic: one head's key tiles in a row (eighth session: with 32 heads, 132 blocks
-    # in flight cover ~4 key tiles of every head, each streaming its Q, dO and dQ rows)
-    "bwd-det-keys-fastest": [("attention_bwd.cu", _BWD_TICKET, _ticket_groups(1))],
+    # backward, deterministic dQ: tickets in groups of G heads, key tiles in order (groups of
+    # 4 are the kernel's since the eighth session; TICKET_GROUP = the rows of the grid gives
+    # the earlier order, heads fastest). Eighth session, 32k tokens, 32 heads, wgmma
+    # backward: groups of 4 1.31 / 1.20x, one head at a time 1.31 / 1.13x against heads fastest
+    # (kernel-variants-…-589b325-tickets.json; those variants were written out in the script)
+    "bwd-det-heads-fastest": [("attention_bwd.cu", _BWD_TICKET, "#define TICKET_GROUP (1 << 30)\n")],
+    "bwd-det-keys-fastest": [("attention_bwd.cu", _BWD_TICKET, "#define TICKET_GROUP 1\n")],
+    "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, "#define TICKET_GROUP 16\n")],
     # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
     "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
     # (sixth session) The relaxed early counter read and the two barriers per query tile,
