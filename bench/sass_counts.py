@@ -3,10 +3,10 @@
 Compiles a kernel file with the NVRTC wheel (``pip install '.[kernels-check]'``) to an
 sm_90 cubin, disassembles it with ``nvdisasm`` (``pip install nvidia-cuda-nvdisasm``,
 or any CUDA toolkit's), and for each entry point prints the hot loop (the largest loop
-with tensor-core instructions): its size, its HMMA count, instructions per HMMA, the
+with tensor-core instructions): its size, its HMMA (or HGMMA: --wgmma) count, instructions per one, the
 opcode mix, and spill instructions (LDL/STL) in it and in the whole function.
 
-    python3 bench/sass_counts.py attention_fwd.cu 128 [--fwd-tiles 4,2,64] [--full-tiles]
+    python3 bench/sass_counts.py attention_fwd.cu 128 [--fwd-tiles 4,2,64] [--full-tiles] [--wgmma]
 
 ``--full-tiles`` compiles with the element mask of mixed tiles switched off (text
 replacement, analysis only), so the loop is the path a full tile takes: the per-tile
@@ -48,7 +48,7 @@ def _nvdisasm() -> str:
     raise SystemExit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put a CUDA toolkit on PATH)")
 
 
-def cubin(kernel_file: str, head_dim: int, tiles=None, full_tiles: bool = False) -> bytes:
+def cubin(kernel_file: str, head_dim: int, tiles=None, full_tiles: bool = False, wgmma: bool = False) -> bytes:
     from cuda.pathfinder import load_nvidia_dynamic_lib
 
     lib = ctypes.CDLL(load_nvidia_dynamic_lib("nvrtc").abs_path)
@@ -62,7 +62,9 @@ def cubin(kernel_file: str, head_dim: int, tiles=None, full_tiles: bool = False)
     prog = ctypes.c_void_p()
     if lib.nvrtcCreateProgram(ctypes.byref(prog), code.encode(), kernel_file.encode(), 0, None, None):
         raise SystemExit("nvrtcCreateProgram failed")
-    options = [*cupy_.compile_options(kernel_file, head_dim, tiles), "--gpu-architecture=sm_90"]
+    options = list(cupy_.compile_options(kernel_file, head_dim, tiles, wgmma=wgmma))
+    if not wgmma:  # (the wgmma variants carry their own sm_90a)
+        options.append("--gpu-architecture=sm_90")
     rc = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*(o.encode() for o in options)))
     if rc:
         raise SystemExit(f"NVRTC failed ({rc})")
@@ -101,7 +103,7 @@ def hot_loop(lines: list[str]):
         m = re.search(r"BRA.*?`\(\.(L_x_\d+)\)", text)
         if m and labels.get(m.group(1), address + 1) < address:
             loops.append((labels[m.group(1)], address))
-    hot = [(a, b) for a, b in loops if any("HMMA" in t for x, t in ins if a <= x <= b)]
+    hot = [(a, b) for a, b in loops if any("MMA" in t for x, t in ins if a <= x <= b)]  # HMMA or HGMMA
     return ins, max(hot, key=lambda r: r[1] - r[0]) if hot else None
 
 
@@ -116,6 +118,7 @@ def main() -> None:
     p.add_argument("--fwd-tiles", default=None, help="forward tiles warps,mi,bn (default: TILES)")
     p.add_argument("--full-tiles", action="store_true", help="mixed tiles compiled as full (the full-tile path)")
     p.add_argument("--function", default=None, help="only this entry point")
+    p.add_argument("--wgmma", action="store_true", help="the Hopper (sm_90a) variant of the kernel file")
     args = p.parse_args()
     tiles = None
     if args.fwd_tiles:
@@ -123,7 +126,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
-            f.write(cubin(args.kernel_file, args.head_dim, tiles, args.full_tiles))
+            f.write(cubin(args.kernel_file, args.head_dim, tiles, args.full_tiles, args.wgmma))
         sass = subprocess.run([_nvdisasm(), "-c", path], capture_output=True, text=True, check=True).stdout
     for name, lines in functions(sass).items():
         if args.function and name != args.function:
@@ -135,7 +138,7 @@ def main() -> None:
             continue
         body = [t for a, t in ins if loop[0] <= a <= loop[1]]
         ops = collections.Counter(_opcode(t) for t in body)
-        hmma = sum(v for k, v in ops.items() if k.startswith("HMMA"))
+        hmma = sum(v for k, v in ops.items() if k.startswith(("HMMA", "HGMMA")))  # per warp / per warpgroup
         in_loop = sum(1 for t in body if re.search(r"\b(LDL|STL)", t))
         print(f"{name}: hot loop {len(body)} instructions, {hmma} HMMA ({len(body) / max(hmma, 1):.2f} per HMMA); "
               f"spill instructions {in_loop} in the loop, {len(spills)} in all")
