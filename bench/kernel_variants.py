@@ -135,6 +135,8 @@ VARIANTS = {
 VARIANT_ENV = {
     # the mma.sync backward beside the wgmma one (Hopper, d128: MPIRING_WGMMA's default is both)
     "bwd-mma-sync": {"MPIRING_WGMMA": "fwd"},
+    # the mma.sync forward beside the wgmma one (Hopper, where the wgmma forward is the default)
+    "fwd-mma-sync": {"MPIRING_WGMMA": "bwd"},
     # the mma.sync forward and backward
     "mma-sync": {"MPIRING_WGMMA": "0"},
 }
@@ -144,6 +146,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=16384)
     p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--heat", type=float, default=3.0, help="seconds of calls before the timed rounds")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *VARIANT_ENV])}")
@@ -167,7 +170,7 @@ def _run(args, events) -> None:
 
     original = cupy_.kernel_sources()
     rng = cupy.random.default_rng(0)
-    shape = (1, args.tokens, args.heads, 128)
+    shape = (1, args.tokens, args.heads, args.head_dim)
     q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(cupy.float16) for _ in range(4))
     comm, rows = MPI.COMM_SELF, []
     names = args.variants.split(",") + (["baseline"] if args.baseline else [])
@@ -240,7 +243,8 @@ def _run(args, events) -> None:
               f"{r['bitwise_same_grads']} |")
     if args.out:
         meta = {"card": card_name(), "date": today(), "command": "python3 " + shlex.join(sys.argv),
-                "tokens": args.tokens, "heads": args.heads, "dq": "atomic" if args.atomic else "deterministic"}
+                "tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim,
+                "dq": "atomic" if args.atomic else "deterministic"}
         write_rows(args.out, result_rows(meta, rows))
 
 
@@ -250,12 +254,12 @@ def result_rows(meta: dict, variant_rows: list[dict]) -> list[dict]:
     base = {r["causal"]: r for r in variant_rows if r["variant"] == "current"}
     out = []
     for r in variant_rows:
-        flops = attention_flops(1, meta["tokens"], meta["tokens"], meta["heads"], 128, causal=r["causal"],
+        flops = attention_flops(1, meta["tokens"], meta["tokens"], meta["heads"], meta["head_dim"], causal=r["causal"],
                                 mode="fwd+bwd")
         b = base.get(r["causal"])
         out.append(make_row(
             bench="kernel-variant", card=meta["card"], date=meta["date"], command=meta["command"], dtype="float16",
-            heads=meta["heads"], heads_kv=meta["heads"], head_dim=128, seqlen=meta["tokens"], n_gpus=1,
+            heads=meta["heads"], heads_kv=meta["heads"], head_dim=meta["head_dim"], seqlen=meta["tokens"], n_gpus=1,
             causal=r["causal"], layout="contiguous", transport=None, **{"pass": "fwd+bwd"}, dq=meta["dq"],
             variant=r["variant"], tflops_per_gpu=flops / (r["fwd_ms"] + r["bwd_ms"]) / 1e9, fwd_ms=r["fwd_ms"],
             bwd_ms=r["bwd_ms"], bwd_speedup_vs_current=None if b is None else b["bwd_ms"] / r["bwd_ms"],
