@@ -10,6 +10,8 @@
 // Sweep of each side (keys_window / queries_window) holds every tile with work, and that
 // the deterministic dQ order (j − j_lo from keys_before) counts the key tiles with work
 // before each one exactly, and that every key tile it counts sweeps over that query tile.
+// Also the backward's ticket order (ticket_item): every (row, key-tile slot) gets exactly
+// one ticket, and key tile j − 1 of a row an earlier one than key tile j.
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -152,6 +154,26 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
   return pairs;
 }
 
+// ticket_item over `rows` × `slots` in groups of `group`: a bijection from the tickets, with
+// each row's slots in ticket order (a block waits only for earlier tickets).
+void check_tickets(int id, int rows, int slots, int group) {
+  std::vector<int> ticket_of(rows * slots, -1);
+  for (int t = 0; t < rows * slots; ++t) {
+    int row, slot;
+    ticket_item(t, rows, slots, group, row, slot);
+    if (row < 0 || row >= rows || slot < 0 || slot >= slots) {
+      fail("ticket maps outside the grid", id, row, slot);
+      return;
+    }
+    if (ticket_of[row * slots + slot] >= 0) fail("ticket: two tickets for one work item", id, row, slot);
+    ticket_of[row * slots + slot] = t;
+  }
+  for (int row = 0; row < rows; ++row)
+    for (int slot = 1; slot < slots; ++slot)
+      if (ticket_of[row * slots + slot] < ticket_of[row * slots + slot - 1])
+        fail("ticket order: key tile j before key tile j - 1", id, row, slot);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -177,6 +199,8 @@ int main(int argc, char** argv) {
     const Side q = make_side(qs, n, cu), k = make_side(ks, n, cu);
     pairs += uniform(0, 1) ? run_case<true>(id, q, k, left, right, BM, BN, cu)
                            : run_case<false>(id, q, k, left, right, BM, BN, cu);
+    const int groups[] = {1, 4, 16, 1 << 30};
+    check_tickets(id, uniform(1, 40), uniform(1, 20), groups[uniform(0, 3)]);
   }
   if (fails) {
     std::printf("%d failures in %d cases\n", fails, cases);

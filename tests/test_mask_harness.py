@@ -42,10 +42,14 @@ MUTATIONS = [
     ("return (segs.row_end(hi, n) + tile - 1) / tile;",
      "return segs.row_end(hi, n) <= segs.row_from(lo, n) ? 0 : (segs.row_end(hi, n) + tile - 1) / tile;",
      "skips a query tile the dQ order counts"),
+    # the backward's tickets: the last, partial group of rows dropped; key tiles in reverse
+    ("const int gh = in_full ? group : rows - full,", "const int gh = group,", "ticket"),
+    ("  slot = rem / gh;", "  slot = slots - 1 - rem / gh;", "ticket order"),
 ]
 
 
-@pytest.mark.parametrize("old,new,message", MUTATIONS, ids=["row-bound", "empty-sweep"])
+@pytest.mark.parametrize("old,new,message", MUTATIONS,
+                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order"])
 def test_harness_catches_a_wrong_bound(tmp_path, seed, old, new, message):
     """The check can fail: each mutation of the tile logic is caught, with its own message."""
     cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")

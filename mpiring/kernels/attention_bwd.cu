@@ -97,18 +97,12 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     if (threadIdx.x == 0) ticket = atomicAdd(dq_sem, 1);
     __syncthreads();
     // Tickets walk groups of TICKET_GROUP (batch·kv head) rows, key tiles of a group in
-    // order, its rows fastest (the last group takes the rows left). The blocks in flight
-    // then cover a few heads' key tiles side by side, which share those heads' Q, dO and dQ
-    // rows in L2; ticketed heads-fastest, 132 blocks covered ~4 key tiles of each of 32
-    // heads, each streaming its own rows (eighth session: backward 1.31× / 1.20× at 32k
-    // tokens, 32 heads, non-causal / causal; bitwise the same gradients). Key tile j − 1 of
-    // a row still has an earlier ticket than key tile j.
-    const int slots = gridDim.y * gridDim.z, full = gridDim.x / TICKET_GROUP * TICKET_GROUP;
-    const int gh = ticket < full * slots ? TICKET_GROUP : gridDim.x - full;
-    const int first = ticket < full * slots ? ticket / (TICKET_GROUP * slots) * TICKET_GROUP : full;
-    const int rem = ticket - first * slots;
-    bx = first + rem % gh;
-    jt = rem / gh;
+    // order (mask.cuh's ticket_item). The blocks in flight then cover a few heads' key tiles
+    // side by side, which share those heads' Q, dO and dQ rows in L2; ticketed heads-fastest,
+    // 132 blocks covered ~4 key tiles of each of 32 heads, each streaming its own rows
+    // (eighth session: backward 1.31× / 1.20× at 32k tokens, 32 heads, non-causal / causal;
+    // bitwise the same gradients).
+    ticket_item(ticket, gridDim.x, gridDim.y * gridDim.z, TICKET_GROUP, bx, jt);
   }
   const int nkt = (Sk + BN - 1) / BN;
   if (jt >= nkt) return;  // past the last key tile (the grid rounds up along z)

@@ -43,6 +43,21 @@ struct Segs {
   }
 };
 
+// The backward's work item of deterministic ticket t (tickets 0, 1, … in block start order)
+// over `rows` (batch·kv head) rows × `slots` key-tile slots: groups of `group` rows (the last
+// group takes the rows left), a group's key tiles in order, its rows fastest. Every
+// (row, slot) gets one ticket, and key tile j − 1 of a row an earlier one than key tile j:
+// a block then only waits (deterministic dQ order) for blocks that already started.
+// (`rows` unsigned, as gridDim.x: the group count is then a shift.)
+MASK_FN void ticket_item(int t, unsigned rows, int slots, int group, int& row, int& slot) {
+  const int full = rows / group * group;
+  const bool in_full = t < full * slots;
+  const int gh = in_full ? group : rows - full, first = in_full ? t / (group * slots) * group : full;
+  const int rem = t - first * slots;
+  row = first + rem % gh;
+  slot = rem / gh;
+}
+
 // The tiles (of `tile` rows, over local rows [0, n)) of one side whose positions may
 // lie in the other side's allowed range [lo, hi]: [first(), end()). Computed once per
 // block, so the tile loop carries one bound, not the segment arithmetic. A tile whose
