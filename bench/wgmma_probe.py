@@ -1,7 +1,7 @@
 """Hopper ``wgmma`` from Python, without a CUDA toolkit: does it compile, load and compute?
 
-The attention kernels use ``mma.sync`` because CuPy's ``RawModule`` compiles for ``sm_90``,
-and ``wgmma`` needs ``sm_90a``. This probe is the groundwork for a ``wgmma`` kernel: it
+``wgmma`` needs ``sm_90a``. This probe was the groundwork of the ``wgmma`` attention kernels
+(``mpiring/kernels/wgmma.cuh``, which took its measured conventions): it
 
 1. compiles a small warpgroup kernel for ``sm_90a`` with NVRTC (CuPy's binding; CI
    compiles the same source with the NVRTC wheel, ``tests/test_kernels_compile.py``), and
@@ -73,6 +73,15 @@ __device__ __forceinline__ int nmajor_off(int k, int n, int mode) {
 #define R32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 
+// d (m64 x n64, fp32) = (acc ? d : 0) + A*B, both operands from shared memory; TB: B is
+// N-major (imm-trans-b = 1), else K-major.
+template <int TB>
+__device__ __forceinline__ void mma_ss(float* d, u64 da, u64 db, int acc) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, %35;\n}\n"
+               : D32 : "l"(da), "l"(db), "r"(acc), "n"(TB));
+}
+
 // mma.sync's C layout per warp: rows w*16 + lane/4 (+8), columns j*8 + (lane%4)*2 (+1).
 __device__ __forceinline__ void store_acc(float* D, const float* d) {
   const int t = threadIdx.x, w = t / 32, l = t % 32;
@@ -99,9 +108,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_ss(const u16* A, const u
   for (int i = 0; i < 32; ++i) d[i] = 0.f;
   const u64 da = desc(sA, a_lbo, a_sbo), db = desc(sB, b_lbo, b_sbo);
   WG_FENCE();
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-               : D32 : "l"(da), "l"(db), "r"(0));
+  mma_ss<0>(d, da, db, 0);
   WG_COMMIT();
   WG_WAIT0();
   store_acc(D, d);
@@ -124,9 +131,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_sv(const u16* P, const u
   for (int i = 0; i < 32; ++i) d[i] = 0.f;
   const u64 dp = desc(sP, p_lbo, p_sbo), dv = desc(sV, v_lbo, v_sbo);
   WG_FENCE();
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, 1;\n}\n"
-               : D32 : "l"(dp), "l"(dv), "r"(0));
+  mma_ss<1>(d, dp, dv, 0);
   WG_COMMIT();
   WG_WAIT0();
   store_acc(D, d);
@@ -193,9 +198,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_ss_sw(const u16* A, cons
   for (int kk = 0; kk < 4; ++kk) {
     const u64 da = desc_sw128((const char*)sA + kk * kstep_bytes, lbo, sbo);
     const u64 db = desc_sw128((const char*)sB + kk * kstep_bytes, lbo, sbo);
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " R32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : D32 : "l"(da), "l"(db), "r"(kk));
+    mma_ss<0>(d, da, db, kk);
   }
   WG_COMMIT();
   WG_WAIT0();
