@@ -162,13 +162,13 @@ def _use_wgmma(device_id: int, kernel_file: str, head_dim: int, tiles=None) -> b
 
     if not wgmma_applies(kernel_file, head_dim, tiles, cupy.cuda.Device(device_id).compute_capability):
         return False
-    return _wgmma_compiles(device_id, kernel_file, head_dim, wgmma_stages())
+    return _wgmma_compiles(device_id, kernel_file, compile_options(kernel_file, head_dim, wgmma=True))
 
 
 @functools.cache
-def _wgmma_compiles(device_id: int, kernel_file: str, head_dim: int, stages: int) -> bool:
+def _wgmma_compiles(device_id: int, kernel_file: str, options: tuple[str, ...]) -> bool:
     try:
-        _module(device_id, kernel_file, compile_options(kernel_file, head_dim, wgmma=True))
+        _module(device_id, kernel_file, options)
         return True
     except Exception as exc:  # noqa: BLE001 - e.g. an NVRTC without sm_90a: fall back, say so
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
@@ -442,13 +442,11 @@ class CudaKernelBackend:
         wg = _use_wgmma(st.q.device.id, "attention_bwd.cu", d, self.tiles)
         nw, bm, bn = WGMMA_BWD_TILES if wg else self._tiles(d)["bwd"]
         cu = self._cu(mask)
-        # K, V; Q, dO double-buffered; lse and delta double-buffered; each key's allowed query
-        # positions (int2). mma.sync: rows padded by 8 (ldmatrix), P and dS; wgmma: dSᵀ, and
-        # 1 KB to align the swizzled tiles.
-        if wg:
-            smem = (2 * bn + 4 * bm) * d * 2 + bm * bn * 2 + 4 * bm * 4 + 8 * bn + 1024
-        else:
-            smem = (2 * bn + 4 * bm) * (d + 8) * 2 + 2 * bm * (bn + 8) * 2 + 4 * bm * 4 + 8 * bn
+        # K, V; Q, dO double-buffered (mma.sync: rows padded by 8 for ldmatrix); mma.sync: P
+        # and dS, wgmma: dSᵀ and 1 KB to align the swizzled tiles; lse and delta
+        # double-buffered; each key's allowed query positions (int2).
+        ld, scores = (d, bm * bn * 2 + 1024) if wg else (d + 8, 2 * bm * (bn + 8) * 2)
+        smem = (2 * bn + 4 * bm) * ld * 2 + scores + 4 * bm * 4 + 8 * bn
         sem = np.uint64(0)
         if self.deterministic:
             if st.dq_sem is None:
