@@ -23,6 +23,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 from mpi4py import MPI
@@ -202,19 +203,10 @@ def _run(args, events) -> None:
     for causal in (False, True):
         def call(name, causal=causal):
             state["variant"] = name
-            env = VARIANT_ENV.get(name, {})
-            saved = {key: os.environ.get(key) for key in env}
-            os.environ.update(env)
-            try:
+            with mock.patch.dict(os.environ, VARIANT_ENV.get(name, {})):  # restored after the call
                 out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal)
                 return mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, causal=causal,
                                                        deterministic=not args.atomic)
-            finally:
-                for key, value in saved.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
 
         grads = {name: [g.copy() for g in call(name)] for name in names}  # compiles
         heat([functools.partial(call, name) for name in names], args.heat,
