@@ -175,6 +175,7 @@ class _Call:
     timeout: float | None = None  # seconds per ring wait; None waits forever
     layout: str = "contiguous"
     dkv_plan: _layout.DkvPlan | None = None  # backward only (layout.dkv_plan)
+    kv_rows: tuple = ()  # kv_rows[s]: rows (lo, hi) of the blocks sent, received (layout.kv_rows); () all
 
 
 def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
@@ -183,7 +184,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     pcomm = private_comm(comm)
     _arrive(pcomm, fn, timeout)
     size, rank = pcomm.Get_size(), pcomm.Get_rank()
-    error, mask, scale, active = None, None, None, None
+    error, mask, scale, active, needs = None, None, None, None, None
     q, k = arrays["q"], arrays["k"]
     try:
         if problem is not None:  # an array that could not be imported (mpiring.interop)
@@ -216,6 +217,10 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
         active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask, batch=q.shape[0])
+        if size > 1 and not mask.is_full:
+            own = _layout.segments(layout, rank, size, q.shape[1])
+            needs = [_layout.needed_rows(own, _layout.segments(layout, b, size, k.shape[1]), mask)
+                     for b in range(size)]
     except _LocalError as exc:
         error = exc
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -237,11 +242,21 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         "cu_seqlens": None if mask is None or mask.cu_seqlens is None else mask.cu_seqlens.tobytes(),
         "transport": transport if isinstance(transport, str) else type(transport).__name__,
     }
-    # Each rank's schedule rides along (packed; None: every step has work, the usual case).
+    # Each rank's schedule rides along (packed; None: every step has work, the usual case),
+    # and the rows of each block its queries attend to (None: whole blocks where it has work).
     packed = None if active is None or all(active) else np.packbits(active).tobytes()
+    rows = None
+    if needs is not None and needs != _whole_rows(active, rank, k.shape[1]):
+        rows = np.asarray(needs, np.int64).tobytes()
+    gathered = _agree(pcomm, fn, error, signature, (packed, rows))
     schedules = [(True,) * size if x is None else
                  tuple(np.unpackbits(np.frombuffer(x, np.uint8), count=size).astype(bool))
-                 for x in _agree(pcomm, fn, error, signature, packed)]
+                 for x, _ in gathered]
+    needs = None
+    if any(x is not None for _, x in gathered):
+        needs = [_whole_rows(schedules[r], r, k.shape[1]) if x is None else
+                 [tuple(n) for n in np.frombuffer(x, np.int64).reshape(size, 2).tolist()]
+                 for r, (_, x) in enumerate(gathered)]
 
     xp = array_module(q)
     tr = None
@@ -252,9 +267,29 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
                           steps=sum(active), deterministic=bool(deterministic))
-    plan = None if lse is _FORWARD else _layout.dkv_plan(schedules, rank)
+    plan = None if lse is _FORWARD else _layout.dkv_plan(schedules, rank, needs)
+    kv_rows = () if needs is None else _layout.kv_rows(needs, schedules, rank)
     return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active,
-                 _layout.kv_hops(schedules, rank), timeout, layout, plan)
+                 _layout.kv_hops(schedules, rank), timeout, layout, plan, kv_rows)
+
+
+def _whole_rows(active, rank: int, seqlen_k: int) -> list:
+    """needs[b] where a rank attends to all of every block it has work with (no range)."""
+    size = len(active)
+    return [(0, seqlen_k) if active[(rank - b) % size] else (0, 0) for b in range(size)]
+
+
+def _rows(buf, rows, axis: int):
+    """Rows [lo, hi) of a travelling buffer along its sequence ``axis`` (a view); all: None."""
+    return buf if rows is None else buf[(slice(None),) * axis + (slice(*rows),)]
+
+
+def _message(buf, rows, axis: int):
+    """What goes on the wire for rows [lo, hi) of a travelling buffer: the buffer itself, or
+    its contiguous pieces (one per index before the sequence axis), one message in parts."""
+    if rows is None or rows == (0, buf.shape[axis]):
+        return buf
+    return tuple(buf[index + (slice(*rows),)] for index in np.ndindex(*buf.shape[:axis]))
 
 
 def _arrive(comm, fn: str, timeout) -> None:
@@ -435,7 +470,7 @@ def _forward(call: _Call, q, k, v):
     def allocate():
         state = be.fwd_begin(q, call.heads_kv, call.scale)
         kv = be.pack_kv(k, v, travel=size > 1)
-        return state, [kv, be.empty_like(kv) if size > 1 else None]
+        return state, [kv, _receive_buffer(call, kv)]
 
     state, kv = _agree_allocated(call.comm, "ring_attention", allocate, lambda: _estimate(call, q, k, False))
     fence = None  # the last compute step's completion (GPU: an event; NumPy: None)
@@ -450,15 +485,27 @@ def _forward(call: _Call, q, k, v):
     return be.fwd_end(state)
 
 
+def _receive_buffer(call: _Call, kv):
+    """The K/V buffer that blocks arrive in (None on one rank). Zeroed where blocks arrive
+    in part (``kv_rows``): the rows no message writes hold zeros or earlier blocks' rows,
+    which the mask hides from every query, and never uninitialised memory (0·NaN)."""
+    if call.comm.Get_size() == 1:
+        return None
+    return call.backend.zeros_like(kv) if call.kv_rows else call.backend.empty_like(kv)
+
+
 def _post_kv(call: _Call, s: int, cur, nxt, fence):
     """Post exchange s of the K/V blocks (send ``cur`` on, receive into ``nxt``) as far as
-    the plan has them travel; None where this rank neither sends nor receives."""
+    the plan has them travel, only the rows still needed; None where this rank neither
+    sends nor receives."""
     if s >= len(call.kv_hops):
         return None
     send, recv = call.kv_hops[s]
     if not (send or recv):
         return None
-    return call.transport.post([cur] if send else [], [nxt] if recv else [], tag=_TAG_KV,
+    rows, axis = call.kv_rows[s] if call.kv_rows else (None, None), call.backend.seq_axis
+    return call.transport.post([_message(cur, rows[0], axis)] if send else [],
+                               [_message(nxt, rows[1], axis)] if recv else [], tag=_TAG_KV,
                                send_ready=call.backend.record(), recv_free=fence)
 
 
@@ -508,39 +555,49 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
     def allocate():
         state = be.bwd_begin(dout, q, out, lse, call.heads_kv, call.scale)
         kv0 = be.pack_kv(k, v, travel=size > 1)
-        kv = [kv0, be.empty_like(kv0) if size > 1 else None]
+        kv = [kv0, _receive_buffer(call, kv0)]
         # dK/dV partials (layout.dkv_plan): 3 buffers for a full ring (computed into, in
         # flight, arriving), fewer where blocks stay home, at most 4.
-        return state, kv, [be.zeros_dkv(kv0) for _ in range(plan.buffers)]
+        return state, kv, [be.empty_dkv(kv0) for _ in range(plan.buffers)]
 
     state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate,
                                       lambda: _estimate(call, q, k, True))
+    axis = be.seq_axis
     fence, ex_dkv = None, None
     for s, step in enumerate(plan.steps):
         cur, nxt = kv[s % 2], kv[(s + 1) % 2]
         ex_kv = _post_kv(call, s, cur, nxt, fence)
-        if step.zero:  # a buffer used before (new ones are zero)
-            dkv[step.compute].fill(0)
+        if step.zero:  # the rows the partial will hold; the others are never read
+            _rows(dkv[step.compute], step.rows, axis).fill(0)
         if call.active[s]:
             be.bwd_step(state, cur, dkv[step.compute], call.q_segs, call.k_segs[(rank - s) % size], call.mask)
         if ex_dkv is not None:
             tr.wait(ex_dkv, timeout=call.timeout)
             ex_dkv = None
         if step.add is not None:  # the partial sum that came with the block, from rank−1
-            dkv[step.compute] += dkv[step.add]
+            partial = _rows(dkv[step.compute], step.add_rows, axis)
+            partial += _rows(dkv[step.add], step.add_rows, axis)
         if size > 1:
             fence = be.record()
         if step.send is not None or step.recv:
             # Send the partial on (or home); receive the next block's partial (or our own
             # block's finished dK/dV) into buffers whose last send has completed.
             send = [] if step.send is None else [step.send]
-            ex_dkv = tr.post([dkv[i] for i, _ in send], [dkv[i] for i, _ in step.recv], tag=_TAG_DKV,
+            recv_rows = step.recv_rows or (None,) * len(step.recv)
+            ex_dkv = tr.post([_message(dkv[i], step.rows, axis) for i, _ in send],
+                             [_message(dkv[i], r, axis) for (i, _), r in zip(step.recv, recv_rows)], tag=_TAG_DKV,
                              send_ready=fence, recv_free=fence, send_to=[r for _, r in send],
                              recv_from=[r for _, r in step.recv])
         if ex_kv is not None:
             tr.wait(ex_kv, timeout=call.timeout)
     if ex_dkv is not None:
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
+    home = dkv[plan.home]
     if plan.final_add is not None:  # the other ranks' sum, added to our own contribution
-        dkv[plan.home] += dkv[plan.final_add]
-    return be.bwd_end(state, dkv[plan.home], k.dtype)
+        mine = _rows(home, plan.home_rows, axis)
+        mine += _rows(dkv[plan.final_add], plan.home_rows, axis)
+    elif plan.home_rows is not None:  # the finished sum came home in part: clear the rest
+        lo, hi = plan.home_rows
+        _rows(home, (0, lo), axis).fill(0)
+        _rows(home, (hi, home.shape[axis]), axis).fill(0)
+    return be.bwd_end(state, home, k.dtype)

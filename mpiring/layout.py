@@ -25,6 +25,8 @@ __all__ = [
     "LAYOUTS",
     "block_reach",
     "dkv_plan",
+    "kv_rows",
+    "needed_rows",
     "kv_hops",
     "pack_documents",
     "rank_work",
@@ -258,6 +260,64 @@ def step_schedule(
     )
 
 
+Rows = tuple  # (lo, hi): local rows [lo, hi) of a K/V block
+
+
+def needed_rows(q_segs: tuple[Segment, ...], k_segs: tuple[Segment, ...], mask: Mask) -> Rows:
+    """The local rows ``[lo, hi)`` of a K/V block (positions ``k_segs``) that the queries
+    ``q_segs`` may attend to: every key row with an allowed pair lies inside (a hull, so it
+    may hold rows without one). ``(0, 0)``: none.
+
+    Per pair of segments the keys a query segment may see are one position interval: the
+    window around its first and last query, cut to the documents of those two queries
+    (the ones between included). Exact for stride-1 segments without documents; with
+    documents, the hull of whole documents. O(segments²)."""
+    length = sum(s.length for s in k_segs)
+    lo, hi, offset = length, 0, 0
+    for ks in k_segs:
+        for qs in q_segs:
+            if qs.length == 0 or ks.length == 0:
+                continue
+            first = -np.inf if mask.left is None else qs.start - mask.left
+            last = np.inf if mask.right_bound is None else qs.last + mask.right_bound
+            if mask.cu_seqlens is not None:
+                cu = mask.cu_seqlens
+                first = max(first, int(cu[np.searchsorted(cu, qs.start, side="right") - 1]))
+                last = min(last, int(cu[np.searchsorted(cu, qs.last, side="right")]) - 1)
+            if first > last:
+                continue
+            # key rows j with first <= start + stride·j <= last
+            j_lo = 0 if first == -np.inf else max(0, -((ks.start - int(first)) // ks.stride))
+            j_hi = ks.length - 1 if last == np.inf else min(ks.length - 1, (int(last) - ks.start) // ks.stride)
+            if j_lo <= j_hi:
+                lo, hi = min(lo, offset + j_lo), max(hi, offset + j_hi + 1)
+        offset += ks.length
+    return (lo, hi) if lo < hi else (0, 0)
+
+
+def _hull(rows) -> Rows:
+    rows = [r for r in rows if r[0] < r[1]]
+    return (min(r[0] for r in rows), max(r[1] for r in rows)) if rows else (0, 0)
+
+
+def kv_rows(needs, schedules, rank: int) -> tuple[tuple[Rows | None, Rows | None], ...]:
+    """The rows of the K/V blocks that ``rank`` sends and receives at each exchange of
+    :func:`kv_hops` (None where it sends or receives nothing): a block carries only the
+    rows that the ranks still ahead of it on its path attend to.
+
+    ``needs[r][b]``: :func:`needed_rows` of rank r's queries against block b (every rank
+    has the same table)."""
+    size, reach = len(schedules), block_reach(schedules)
+
+    def ahead(b: int, s: int) -> Rows:  # block b, sent on by rank b+s at exchange s
+        return _hull(needs[(b + t) % size][b] for t in range(s + 1, reach[b] + 1))
+
+    return tuple(
+        (ahead((rank - s) % size, s) if send else None, ahead((rank - 1 - s) % size, s) if recv else None)
+        for s, (send, recv) in enumerate(kv_hops(schedules, rank))
+    )
+
+
 def block_reach(schedules) -> tuple[int, ...]:
     """``reach[b]``: how many hops rank b's K/V block travels, b → b+1 → … → b+reach[b]: up
     to the last rank that has work with it (0: it stays home).
@@ -290,10 +350,16 @@ class DkvStep:
     """What one rank does with dK/dV partials at ring step s (buffers are indices)."""
 
     compute: int | None  # buffer this step's dK/dV is computed into (None: off the block's path)
-    zero: bool  # clear ``compute`` first (a buffer used before; new ones start at zero)
+    zero: bool  # clear ``compute`` first (its ``rows``; all of it where it ends as ``home``)
     add: int | None  # the partial that came from rank−1 with the block, added after the compute
     send: tuple[int, int] | None  # (buffer, rank): on to rank+1, or home to the block's owner
     recv: tuple[tuple[int, int], ...]  # ((buffer, rank), …) received in exchange s
+    # Block rows (lo, hi) (dkv_plan's ``needs``; None: all): those of ``compute`` that hold
+    # the partial after this step (cleared by ``zero``, sent by ``send``), of ``add``, and of
+    # each received buffer. The rest of a buffer is never read.
+    rows: Rows | None = None
+    add_rows: Rows | None = None
+    recv_rows: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -304,9 +370,12 @@ class DkvPlan:
     buffers: int  # distinct dK/dV buffers the rank allocates
     home: int  # the buffer that ends holding the rank's own block's dK/dV
     final_add: int | None = None  # the others' sum that came home, added into ``home`` at the end
+    # Rows of the others' sum that came home (None: all): of ``final_add``, or of ``home``
+    # itself where home is the received buffer (whose other rows must then be cleared).
+    home_rows: Rows | None = None
 
 
-def dkv_plan(schedules, rank: int) -> DkvPlan:
+def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
     """How ``rank`` moves dK/dV partials in the backward ring (``schedules`` as for
     :func:`block_reach`).
 
@@ -322,8 +391,12 @@ def dkv_plan(schedules, rank: int) -> DkvPlan:
     Exchange s (after step s's compute) carries at most one dK/dV message per pair of
     ranks, and every rank issues its exchanges in the same order (NCCL matches by order).
     Buffers are reused once free (a sent one after its exchange completed, an added one
-    at once): 3 for a full ring (computed into, in flight, arriving), as before; paths of
-    different lengths can need a fourth (:attr:`DkvPlan.buffers`).
+    at once) and start uninitialised (``zero`` clears what a step computes into): 3 for a
+    full ring (computed into, in flight, arriving), as before; paths of different lengths
+    can need a fourth (:attr:`DkvPlan.buffers`).
+
+    ``needs`` (as for :func:`kv_rows`): a partial then holds, and a message carries, only
+    the hull of the rows its contributors attend to (the steps' ``rows``).
     """
     size, reach = len(schedules), block_reach(schedules)
     # b keeps its own contribution where every block goes at most one hop (documents that
@@ -334,15 +407,20 @@ def dkv_plan(schedules, rank: int) -> DkvPlan:
     used = [0]  # buffers created so far
     steps = []
 
-    def take() -> tuple[int, bool]:
+    def take() -> tuple[int, bool]:  # (buffer, True): its contents are to be cleared before use
         if free:
             return free.pop(), True
         used[0] += 1
-        return used[0] - 1, False
+        return used[0] - 1, True
+
+    def acc(b: int, s: int) -> Rows | None:  # rows of block b's partial after rank b+s added to it
+        if needs is None:
+            return None
+        return _hull(needs[(b + t) % size][b] for t in range(1 if keeps[b] else 0, s + 1))
 
     arriving = None  # the partial received in the previous exchange (for this step's block)
     in_flight = None  # the buffer sent in the previous exchange (free once it completes)
-    home = final_add = None
+    home = final_add = home_rows = None
     for s in range(size):
         b = (rank - s) % size
         compute, zero, add, send = None, False, None, None
@@ -365,20 +443,25 @@ def dkv_plan(schedules, rank: int) -> DkvPlan:
             else:
                 send = (compute, b)
             in_flight = None if send is None else compute
-        recv = []
+        recv, recv_rows = [], []
         ahead = (rank - 1 - s) % size  # the block rank−1 holds at step s
         if s < size - 1 and reach[ahead] > s and not (s == 0 and keeps[ahead]):
             arriving, _ = take()
             recv.append((arriving, (rank - 1) % size))
+            recv_rows.append(acc(ahead, s))
         if s >= 1 and reach[rank] == s:
             back, _ = take()
             recv.append((back, (rank + s) % size))
+            recv_rows.append(home_rows := acc(rank, s))
             if keeps[rank]:
                 final_add = back
             else:
                 home = back
-        steps.append(DkvStep(compute, zero, add, send, tuple(recv)))
-    return DkvPlan(tuple(steps), used[0], home, final_add)
+        # rows of compute (None: all): a home buffer is read whole, so it is cleared whole
+        rows = None if compute is None or compute == home else acc(b, s)
+        steps.append(DkvStep(compute, zero, add, send, tuple(recv), rows=rows,
+                             add_rows=None if add is None else acc(b, s - 1), recv_rows=tuple(recv_rows)))
+    return DkvPlan(tuple(steps), used[0], home, final_add, home_rows)
 
 
 def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:

@@ -4,6 +4,7 @@ all N ranks together (collective tests) — see tests/run.sh."""
 
 import zlib
 
+import numpy as np
 import pytest
 from mpi4py import MPI
 
@@ -19,6 +20,30 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "serial: a pure test without MPI, run only at -n 1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_ring_buffers(monkeypatch):
+    """The ring's uninitialised buffers start as garbage in every test, not as whatever
+    the allocator gives (often zeros, which would hide a missed write): NaN where every
+    element read must have been written first (K/V blocks that arrive whole, dK/dV
+    partials: the ring clears the rows it computes into), a large finite value in the
+    buffer that K/V blocks arrive in part (``mpiring.layout.kv_rows``), whose other rows
+    the mask hides but P·V still multiplies by 0."""
+    from mpiring._xp import compute_dtype
+    from mpiring.backends.cupy_ import CudaKernelBackend
+    from mpiring.backends.numpy_ import BlockwiseBackend
+
+    def dkv_blockwise(self, kv):
+        return self.xp.full(kv.shape, np.nan, compute_dtype(kv.dtype))
+
+    def dkv_kernels(self, kv):
+        return self.xp.full((2,) + tuple(kv[0].shape), np.nan, np.float32)
+
+    for cls, dkv in ((BlockwiseBackend, dkv_blockwise), (CudaKernelBackend, dkv_kernels)):
+        monkeypatch.setattr(cls, "empty_like", lambda self, buf: self.xp.full_like(buf, np.nan))
+        monkeypatch.setattr(cls, "zeros_like", lambda self, buf: self.xp.full_like(buf, 1e4))
+        monkeypatch.setattr(cls, "empty_dkv", dkv)
 
 
 @pytest.fixture

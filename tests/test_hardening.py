@@ -350,7 +350,7 @@ def _huge(*args, **kwargs):
     return np.empty((2**40, 2**22), np.uint8)  # 4 EiB: NumPy's real MemoryError, at once
 
 
-@pytest.mark.parametrize("stage", ["pack_kv", "zeros_dkv"])
+@pytest.mark.parametrize("stage", ["pack_kv", "empty_dkv"])
 def test_allocation_failure_on_one_rank(comm, monkeypatch, stage):
     """MemoryError on every rank, naming the rank, the bytes it asked for and memory_estimate's
     figure; no rank reached a ring step; the next call works."""
@@ -368,7 +368,7 @@ def test_allocation_failure_on_one_rank(comm, monkeypatch, stage):
     err = assert_raises_everywhere(comm, MemoryError, f"failed on rank {last} (4,611,686,018,427,387,904 bytes",
                                    fn, then=monkeypatch.undo)
     assert transport.hops == 0 and transport.pending == 0, "a rank entered the ring"
-    estimate = mpiring.memory_estimate(1, 4, 2, 1, 8, np.float32, backward=stage == "zeros_dkv",
+    estimate = mpiring.memory_estimate(1, 4, 2, 1, 8, np.float32, backward=stage == "empty_dkv",
                                        comm_size=comm.Get_size())
     assert f"the call needs about {estimate:,} bytes per rank (memory_estimate)" in str(err), str(err)
 

@@ -217,3 +217,134 @@ def test_dkv_plan_moves_nothing_for_blocks_that_stay_home():
         plan = mpiring.layout.dkv_plan(schedules, r)
         assert plan.buffers == 1
         assert all(step.send is None and not step.recv for step in plan.steps)
+
+
+# --- rows of the blocks that travel (layout.needed_rows, kv_rows, dkv_plan's rows) ---------
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 6), st.sampled_from(LAYOUTS), st.booleans(),
+       st.one_of(st.none(), st.tuples(st.integers(0, 9), st.integers(0, 9))), st.integers(0, 6), st.randoms())
+def test_needed_rows_hold_every_attended_row(size, half, layout, causal, window, documents, rnd):
+    """needed_rows is a hull of every key row that some query attends to (conservative:
+    it may hold rows nobody attends to), and empty exactly when no row is attended."""
+    seqlen_local = 2 * half
+    total = size * seqlen_local
+    cu = None
+    if documents:
+        cu = np.array([0] + sorted(rnd.sample(range(1, total), min(documents, total - 1))) + [total])
+    mask = make_mask(causal, window, cu)
+    for rank in range(size):
+        for block in range(size):
+            lo, hi = mpiring.layout.needed_rows(segments(layout, rank, size, seqlen_local),
+                                                segments(layout, block, size, seqlen_local), mask)
+            attended = np.flatnonzero(mask.allowed(positions(layout, rank, size, seqlen_local),
+                                                   positions(layout, block, size, seqlen_local)).any(axis=0))
+            if attended.size == 0:
+                assert (lo, hi) == (0, 0) or layout != "contiguous" or cu is not None
+            else:
+                assert lo <= attended.min() and attended.max() < hi <= seqlen_local
+            if layout == "contiguous" and cu is None and window is None:
+                # one segment each, a half-line or all: the hull is exact
+                assert (lo, hi) == ((attended.min(), attended.max() + 1) if attended.size else (0, 0))
+
+
+def _run_dkv_rows(needs, work, transfer_at_post: bool, length: int):
+    """Play every rank's dK/dV plan with rows: each buffer row holds a list of
+    contributions ((rank, block) pairs) or garbage; clearing, adding and messages touch
+    only the plan's rows. Rank r with work on block b contributes to the rows ``needs[r][b]``.
+    Returns each rank's home buffer (rows)."""
+    size = len(work)
+    plans = [mpiring.layout.dkv_plan(work, r, needs) for r in range(size)]
+    garbage = ["garbage"]
+    bufs = [[[list(garbage) for _ in range(length)] for _ in range(p.buffers)] for p in plans]
+    pending = []  # (src, dst, src buffer, dst buffer, rows)
+
+    def span(rows):
+        return range(length) if rows is None else range(*rows)
+
+    def move():
+        for src, dst, i, j, rows in pending:
+            for x in span(rows):
+                bufs[dst][j][x] = list(bufs[src][i][x])
+        pending.clear()
+
+    for s in range(size):
+        for r, plan in enumerate(plans):
+            step = plan.steps[s]
+            if step.zero:
+                for x in span(step.rows):
+                    bufs[r][step.compute][x] = []
+            if work[r][s]:
+                b = (r - s) % size
+                for x in range(*needs[r][b]):
+                    bufs[r][step.compute][x].append((r, b))
+        if not transfer_at_post:
+            move()
+        for r, plan in enumerate(plans):
+            step = plan.steps[s]
+            if step.add is not None:
+                for x in span(step.add_rows):
+                    bufs[r][step.compute][x] = bufs[r][step.compute][x] + bufs[r][step.add][x]
+        sends = {(r, p.steps[s].send[1]): (p.steps[s].send[0], p.steps[s].rows)
+                 for r, p in enumerate(plans) if p.steps[s].send}
+        for r, plan in enumerate(plans):
+            for (j, src), rows in zip(plan.steps[s].recv, plan.steps[s].recv_rows):
+                i, sent_rows = sends.pop((src, r))
+                assert sent_rows == rows, "a message's rows differ at its two ends"
+                pending.append((src, r, i, j, rows))
+        assert not sends
+        if transfer_at_post:
+            move()
+    move()
+    for r, plan in enumerate(plans):
+        home = bufs[r][plan.home]
+        if plan.final_add is not None:
+            for x in span(plan.home_rows):
+                home[x] = home[x] + bufs[r][plan.final_add][x]
+        elif plan.home_rows is not None:
+            for x in set(range(length)) - set(span(plan.home_rows)):
+                home[x] = []
+    return [bufs[r][p.home] for r, p in enumerate(plans)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 6), st.booleans(), st.randoms())
+def test_dkv_rows_bring_every_row_home(size, transfer_at_post, rnd):
+    """Any rows each rank attends to (random intervals, work only where there are some):
+    every row of each block's dK/dV at home is the sum of exactly the ranks that attend
+    to that row, no garbage, although buffers start as garbage and messages carry only
+    the plan's rows."""
+    length = 6
+    needs = []
+    for _ in range(size):
+        row = []
+        for _ in range(size):
+            lo, hi = sorted(rnd.sample(range(length + 1), 2))
+            row.append((lo, hi) if rnd.random() < 0.7 else (0, 0))
+        needs.append(row)
+    # work: only where a rank attends to some row (schedules[r][s]: block r − s)
+    work = [[needs[r][(r - s) % size][0] < needs[r][(r - s) % size][1] and rnd.random() < 0.9
+             for s in range(size)] for r in range(size)]
+    needs = [[needs[r][b] if work[r][(r - b) % size] else (0, 0) for b in range(size)] for r in range(size)]
+    homes = _run_dkv_rows(needs, work, transfer_at_post, length)
+    for b in range(size):
+        for x in range(length):
+            want = [((b + t) % size, b) for t in range(size)
+                    if work[(b + t) % size][t] and needs[(b + t) % size][b][0] <= x < needs[(b + t) % size][b][1]]
+            assert sorted(homes[b][x]) == sorted(want), (b, x, needs, work)
+
+
+@pytest.mark.serial
+def test_kv_rows_carry_what_the_ranks_ahead_attend_to():
+    """A block carries the hull of the rows that the ranks still ahead on its path attend
+    to: zigzag, causal, 4 ranks: block 0 goes round as its first half, the others whole."""
+    size, seqlen_local = 4, 8
+    mask = make_mask(True)
+    q = [segments("zigzag", r, size, seqlen_local) for r in range(size)]
+    needs = [[mpiring.layout.needed_rows(q[r], segments("zigzag", b, size, seqlen_local), mask)
+              for b in range(size)] for r in range(size)]
+    schedules = [step_schedule("zigzag", r, size, seqlen_local, seqlen_local, mask) for r in range(size)]
+    for rank in range(size):
+        rows = mpiring.layout.kv_rows(needs, schedules, rank)
+        for s, (send, recv) in enumerate(rows):
+            assert send == ((0, 4) if (rank - s) % size == 0 else (0, 8))
+            assert recv == ((0, 4) if (rank - 1 - s) % size == 0 else (0, 8))

@@ -7,32 +7,41 @@ import mpiring
 from mpiring.transport import MpiHostTransport
 
 
-def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None):
-    """(K/V, dK/dV) messages this rank sends, from brute force over positions: block b
-    goes on from rank b+s (step s) while a rank further along, b+s+1 … b+N−1, attends to
-    it; its dK/dV partial goes with it, and from the last rank that attends to it (if
-    not b itself) straight home to b; where no block goes more than one hop, b keeps its
-    own part and only b+1's goes there and back."""
+def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None, row_bytes=(0, 0)):
+    """(K/V, dK/dV) messages this rank sends, and their bytes, from brute force over
+    positions: block b goes on from rank b+s (step s) while a rank further along, b+s+1 …
+    b+N−1, attends to it, with the rows that those ranks attend to (hull); its dK/dV
+    partial goes with it, with the rows its contributors attend to, and from the last rank
+    that attends to it (if not b itself) straight home to b; where no block goes more than
+    one hop, b keeps its own part and only b+1's goes there and back. ``row_bytes``: bytes
+    of one K/V row (K and V), one dK/dV row."""
     size, rank = comm.Get_size(), comm.Get_rank()
     pos = [mpiring.layout.positions(layout, r, size, seqlen_local) for r in range(size)]
     doc = None if cu_seqlens is None else (lambda p: np.searchsorted(cu_seqlens, p, side="right"))
 
-    def sees(r, b):  # does rank r's Q attend to any key of rank b's block?
+    def rows(r, b):  # block b's rows (local indices) that rank r's Q attends to
         qp, kp = pos[r][:, None], pos[b][None, :]
         ok = kp <= qp if causal else np.ones((qp.size, kp.size), bool)
         if doc is not None:
             ok = ok & (doc(qp) == doc(kp))
-        return bool(ok.any())
+        return np.flatnonzero(ok.any(axis=0))
+
+    def hull(b, ts):  # rows in the hull of what ranks b+t (t in ts) attend to, of block b
+        found = np.concatenate([rows((b + t) % size, b) for t in ts] + [np.zeros(0, int)])
+        return 0 if found.size == 0 else int(found.max() - found.min() + 1)
 
     def last(b):  # hops to the last rank that attends to block b (0: none but b, or none)
-        return max([t for t in range(size) if sees((b + t) % size, b)], default=0)
+        return max([t for t in range(size) if rows((b + t) % size, b).size], default=0)
 
     reach = [last(b) for b in range(size)]
-    kv = sum(reach[(rank - s) % size] > s for s in range(size - 1))
+    kv = [(rank - s) % size for s in range(size - 1) if reach[(rank - s) % size] > s]
+    kv_bytes = sum(hull(b, range((rank - b) % size + 1, reach[b] + 1)) for b in kv) * row_bytes[0]
     # With no block going further than one hop, its owner keeps its own part (no send at step 0)
     short = size > 2 and max(reach) == 1
-    dkv = sum(reach[(rank - s) % size] >= max(s, 1) and not (s == 0 and short) for s in range(size))
-    return kv, dkv
+    dkv = [(s, (rank - s) % size) for s in range(size) if reach[(rank - s) % size] >= max(s, 1)
+           and not (s == 0 and short)]
+    dkv_bytes = sum(hull(b, range(1 if short else 0, s + 1)) for s, b in dkv) * row_bytes[1]
+    return len(kv), len(dkv), kv_bytes, dkv_bytes
 
 
 @pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True)])
@@ -46,7 +55,8 @@ def test_hops_per_call(comm, seed, layout, causal):
     rng = np.random.default_rng(seed)
     q, k, v, do = (rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(4))
     transport = MpiHostTransport(mpiring.api.private_comm(comm))
-    kv_sends, dkv_sends = _expected_sends(comm, layout, causal, 8)
+    row = 2 * k[0, 0].nbytes  # a K row and a V row (batch 1); dK/dV travel in float32 too
+    kv_sends, dkv_sends, kv_bytes, dkv_bytes = _expected_sends(comm, layout, causal, 8, row_bytes=(row, row))
     rank = comm.Get_rank()
     contiguous_causal = (layout, causal) == ("contiguous", True)
     assert kv_sends == ((rank + 1 if rank < size - 1 else 0) if contiguous_causal else size - 1)
@@ -54,17 +64,27 @@ def test_hops_per_call(comm, seed, layout, causal):
     assert dkv_sends == ((rank + 1 if rank < size - 1 else size - 1) if contiguous_causal and size > 1 else full)
     out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal, layout=layout, transport=transport)
     assert transport.hops == kv_sends and transport.pending == 0
-    assert transport.bytes_sent == kv_sends * 2 * k.nbytes
+    # zigzag, causal: block 0 is the only one that no rank before it attends to, and ranks
+    # after it see its first half only: it travels as that half.
+    assert transport.bytes_sent == kv_bytes
+    if contiguous_causal:
+        assert kv_bytes == kv_sends * 2 * k.nbytes
     mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=causal, layout=layout, transport=transport)
     assert transport.hops == 2 * kv_sends + dkv_sends and transport.pending == 0
+    assert transport.bytes_sent == 2 * kv_bytes + dkv_bytes
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
-def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
+def test_documents_move_only_the_blocks_they_need(comm, seed, layout, monkeypatch):
     """Packed documents: a K/V block travels only as far as a rank whose queries share a
-    document with it, its dK/dV one hop further (home), and the results still match the
-    oracle (receivers of nothing compute nothing). Documents on rank boundaries
-    (contiguous): nothing moves at all, forward or backward."""
+    document with it, with only the rows those ranks attend to, its dK/dV one hop further
+    (home), and the results still match the oracle (receivers of nothing compute
+    nothing). Documents on rank boundaries (contiguous): nothing moves at all, forward or
+    backward. The K/V receive buffer starts as garbage (finite) instead of zeros: rows no
+    message brings must not matter."""
+    from mpiring.backends import backend_for
+
+    monkeypatch.setattr(backend_for(np), "zeros_like", lambda buf: np.full_like(buf, 7.0))
     size = comm.Get_size()
     s_local, total = 8, 8 * size
     rng = np.random.default_rng(seed)
@@ -79,8 +99,15 @@ def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
         transport = MpiHostTransport(mpiring.api.private_comm(comm))
         opts = dict(causal=True, layout=layout, cu_seqlens=cu)
         out, lse = mpiring.ring_attention(shard(q), shard(k), shard(v), comm, transport=transport, **opts)
-        kv_sends, dkv_sends = _expected_sends(comm, layout, True, s_local, cu)
+        row = 2 * k[0, 0].nbytes  # a K and a V row (float64, like dK/dV)
+        kv_sends, dkv_sends, kv_bytes, dkv_bytes = _expected_sends(comm, layout, True, s_local, cu, (row, row))
         assert transport.hops == kv_sends
+        # contiguous: exactly the hull of the rows attended to; zigzag and striped (two or
+        # strided segments): at most whole blocks
+        if layout == "contiguous":
+            assert transport.bytes_sent == kv_bytes
+        assert kv_bytes <= transport.bytes_sent <= kv_sends * s_local * row
+        sent = transport.bytes_sent
         if layout == "contiguous" and per_rank:
             assert kv_sends == dkv_sends == 0
         ref, _ = mpiring.attention_reference(q, k, v, causal=True, cu_seqlens=cu)
@@ -91,6 +118,8 @@ def test_documents_move_only_the_blocks_they_need(comm, seed, layout):
         for g, r in zip(grads, refs):
             np.testing.assert_allclose(g, shard(r), rtol=1e-9, atol=1e-12)
         assert transport.hops == 2 * kv_sends + dkv_sends and transport.pending == 0
+        if layout == "contiguous":
+            assert transport.bytes_sent == 2 * sent + dkv_bytes
 
 
 def test_skipped_steps_do_no_compute(comm, seed, monkeypatch):

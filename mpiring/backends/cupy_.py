@@ -302,6 +302,7 @@ class CudaKernelBackend:
     """
 
     name = "cuda"
+    seq_axis = 2  # of the travelling K/V and dK/dV buffers
 
     def __init__(self, steps: int | None = None, tiles: dict | None = None, deterministic: bool = True):
         import cupy
@@ -347,6 +348,13 @@ class CudaKernelBackend:
 
     def empty_like(self, buf):
         return self.xp.empty_like(buf)
+
+    def zeros_like(self, buf):
+        return self.xp.zeros_like(buf)
+
+    def empty_dkv(self, kv):
+        """dK/dV partials like :meth:`zeros_dkv`, uninitialised (the ring clears what it uses)."""
+        return self.xp.empty((2,) + tuple(kv[0].shape), dtype=np.float32)
 
     def zeros_dkv(self, kv):
         """dK/dV partials ``(2, B, Sk, Hkv, D)`` float32, zero (``kv``: as from :meth:`pack_kv`)."""

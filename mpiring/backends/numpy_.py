@@ -155,6 +155,8 @@ class BwdState:
 class BlockwiseBackend:
     """The CPU ring's compute (and a CuPy fallback): one method per ring-loop stage."""
 
+    seq_axis = 3  # of the travelling K/V and dK/dV buffers (head-major)
+
     def __init__(self, xp):
         self.xp = xp
         self.name = "numpy" if xp is np else xp.__name__
@@ -190,6 +192,13 @@ class BlockwiseBackend:
 
     def empty_like(self, buf):
         return self.xp.empty_like(buf)
+
+    def zeros_like(self, buf):
+        return self.xp.zeros_like(buf)
+
+    def empty_dkv(self, kv):
+        """dK/dV partials like :meth:`zeros_dkv`, uninitialised (the ring clears what it uses)."""
+        return self.xp.empty(kv.shape, dtype=compute_dtype(kv.dtype))
 
     def zeros_dkv(self, kv):
         return self.xp.zeros(kv.shape, dtype=compute_dtype(kv.dtype))

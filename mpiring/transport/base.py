@@ -3,7 +3,8 @@
 A ring step *posts* one exchange (send buffers to ``send_rank`` = rank+1,
 receive buffers from ``recv_rank`` = rank−1, unless the post names other peers: a
 dK/dV partial going home) before its compute and *waits* for it after. Each post is
-one hop of one message per send buffer; transports count hops and bytes so that
+one hop of one message per send buffer (a block's rows still needed, maybe in parts:
+``mpiring.layout.kv_rows``); transports count hops and bytes so that
 tests can check the schedule (at most N−1 K/V hops forward, N−1 K/V + N dK/dV
 backward: a K/V block travels only as far as some rank has work with it, and its
 dK/dV partial one hop further, see ``mpiring.layout.kv_hops`` and ``dkv_plan``).
@@ -46,21 +47,27 @@ class Transport:
 
     def post(self, send, recv, *, tag: int, send_ready=None, recv_free=None, send_to=None,
              recv_from=None) -> Exchange:
-        """Send ``send`` (list of arrays) to rank+1 and receive ``recv`` from rank−1.
+        """Send ``send`` (list of messages) to rank+1 and receive ``recv`` from rank−1.
 
-        Either list may be empty (a ring step whose block goes no further, or whose next
-        block is not needed here), not both; rank+1 posts the matching receives.
-        ``send_to`` / ``recv_from``: one peer rank per buffer instead (same order); the
-        peers post the matching operations in their exchange of the same ring step."""
+        A message is an array, or a tuple of arrays sent as its parts (the rows of a block
+        that are still needed: one contiguous piece per batch and head); the receiver
+        names the same parts. Either list may be empty (a ring step whose block goes no
+        further, or whose next block is not needed here), not both; rank+1 posts the
+        matching receives. ``send_to`` / ``recv_from``: one peer rank per message instead
+        (same order); the peers post the matching operations in their exchange of the
+        same ring step."""
         if not (send or recv):
             raise ValueError("post needs a buffer to send or to receive")
         send_to = [self.send_rank] * len(send) if send_to is None else [int(r) for r in send_to]
         recv_from = [self.recv_rank] * len(recv) if recv_from is None else [int(r) for r in recv_from]
         if len(send_to) != len(send) or len(recv_from) != len(recv):
             raise ValueError("send_to/recv_from need one peer rank per buffer")
+        hops = len(send)
+        send, send_to = _parts(send, send_to)
+        recv, recv_from = _parts(recv, recv_from)
         exchange = self._post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free,
                               send_to=send_to, recv_from=recv_from)
-        self.hops += len(send)
+        self.hops += hops
         self.bytes_sent += sum(int(buf.nbytes) for buf in send)
         self._pending += 1
         return exchange
@@ -87,3 +94,13 @@ class Transport:
 
     def _wait(self, exchange: Exchange, deadline: float | None) -> None:  # pragma: no cover
         raise NotImplementedError
+
+
+def _parts(messages, peers):
+    """Messages and their peers as one list of arrays (a message in parts: each part)."""
+    bufs, to = [], []
+    for msg, peer in zip(messages, peers):
+        parts = msg if isinstance(msg, tuple) else (msg,)
+        bufs += parts
+        to += [peer] * len(parts)
+    return bufs, to
