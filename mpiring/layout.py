@@ -384,9 +384,10 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
     arrival) and passes it on to rank b+s+1 while the block goes further; the last rank
     on the path, b+reach[b], sends it straight home to b (on a full ring, the ring's next
     hop). Where no block goes more than one hop (packed documents that span at most two
-    ranks), b keeps its own contribution at home instead: b+1's partial alone goes
-    there and back, and b adds it to its own at the end (one transfer less, and none
-    right after step 0). A block that stays home moves no dK/dV at all.
+    ranks; any two-rank ring), b keeps its own contribution at home instead: b+1's
+    partial alone goes there and back, and b adds it to its own at the end (one transfer
+    less, none right after step 0, and only the rows b+1 attends to). A block that stays
+    home moves no dK/dV at all.
 
     Exchange s (after step s's compute) carries at most one dK/dV message per pair of
     ranks, and every rank issues its exchanges in the same order (NCCL matches by order).
@@ -400,8 +401,8 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
     """
     size, reach = len(schedules), block_reach(schedules)
     # b keeps its own contribution where every block goes at most one hop (documents that
-    # span two ranks at most): then that costs no buffer, elsewhere it could cost two.
-    short = size > 2 and max(reach) == 1
+    # span two ranks at most, two ranks): then that costs no buffer, elsewhere it could cost two.
+    short = size > 1 and max(reach) == 1
     keeps = [short and reach[b] == 1 for b in range(size)]
     free: list[int] = []
     used = [0]  # buffers created so far

@@ -13,7 +13,8 @@ def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None, row_byt
     b+N−1, attends to it, with the rows that those ranks attend to (hull); its dK/dV
     partial goes with it, with the rows its contributors attend to, and from the last rank
     that attends to it (if not b itself) straight home to b; where no block goes more than
-    one hop, b keeps its own part and only b+1's goes there and back. ``row_bytes``: bytes
+    one hop (two ranks: always), b keeps its own part and only b+1's goes there and back.
+    ``row_bytes``: bytes
     of one K/V row (K and V), one dK/dV row."""
     size, rank = comm.Get_size(), comm.Get_rank()
     pos = [mpiring.layout.positions(layout, r, size, seqlen_local) for r in range(size)]
@@ -37,7 +38,7 @@ def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None, row_byt
     kv = [(rank - s) % size for s in range(size - 1) if reach[(rank - s) % size] > s]
     kv_bytes = sum(hull(b, range((rank - b) % size + 1, reach[b] + 1)) for b in kv) * row_bytes[0]
     # With no block going further than one hop, its owner keeps its own part (no send at step 0)
-    short = size > 2 and max(reach) == 1
+    short = size > 1 and max(reach) == 1
     dkv = [(s, (rank - s) % size) for s in range(size) if reach[(rank - s) % size] >= max(s, 1)
            and not (s == 0 and short)]
     dkv_bytes = sum(hull(b, range(1 if short else 0, s + 1)) for s, b in dkv) * row_bytes[1]
@@ -50,7 +51,8 @@ def test_hops_per_call(comm, seed, layout, causal):
     (causal contiguous: rank r < N−1 forwards blocks 0…r, the last rank none, N(N−1)/2 in
     all); backward adds the dK/dV hops: N on a full ring (the last brings the owner's
     dK/dV home); causal contiguous: r+1 on rank r < N−1 (the partial of block 0…r, sent on
-    or home), N−1 on the last rank (none for its own block); none at N=1."""
+    or home), N−1 on the last rank (none for its own block); none at N=1; at N=2 the
+    owner keeps its part: one (rank 0 none with causal contiguous)."""
     size = comm.Get_size()
     rng = np.random.default_rng(seed)
     q, k, v, do = (rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(4))
@@ -60,8 +62,11 @@ def test_hops_per_call(comm, seed, layout, causal):
     rank = comm.Get_rank()
     contiguous_causal = (layout, causal) == ("contiguous", True)
     assert kv_sends == ((rank + 1 if rank < size - 1 else 0) if contiguous_causal else size - 1)
-    full = size if size > 1 else 0
-    assert dkv_sends == ((rank + 1 if rank < size - 1 else size - 1) if contiguous_causal and size > 1 else full)
+    # two ranks: each block's owner keeps its own part, one partial per block goes home
+    full = {1: 0, 2: 1}.get(size, size)
+    if contiguous_causal and size > 1:
+        full = rank if size == 2 else (rank + 1 if rank < size - 1 else size - 1)
+    assert dkv_sends == full
     out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal, layout=layout, transport=transport)
     assert transport.hops == kv_sends and transport.pending == 0
     # zigzag, causal: block 0 is the only one that no rank before it attends to, and ranks
