@@ -285,11 +285,13 @@ def _rows(buf, rows, axis: int):
 
 
 def _message(buf, rows, axis: int):
-    """What goes on the wire for rows [lo, hi) of a travelling buffer: the buffer itself, or
-    its contiguous pieces (one per index before the sequence axis), one message in parts."""
-    if rows is None or rows == (0, buf.shape[axis]):
-        return buf
-    return tuple(buf[index + (slice(*rows),)] for index in np.ndindex(*buf.shape[:axis]))
+    """What goes on the wire for rows [lo, hi) of a travelling buffer (K and V, or dK and
+    dV: an array or a pair): one message in contiguous parts, K's then V's, each whole or
+    one per index between it and the sequence axis. Both ends cut the same parts from
+    buffers of the same shape (a pair or an array alike)."""
+    if rows is None or rows == (0, buf[0].shape[axis - 1]):
+        return buf[0], buf[1]
+    return tuple(buf[i][index + (slice(*rows),)] for i in range(2) for index in np.ndindex(*buf[0].shape[:axis - 1]))
 
 
 def _arrive(comm, fn: str, timeout) -> None:
@@ -469,13 +471,12 @@ def _forward(call: _Call, q, k, v):
 
     def allocate():
         state = be.fwd_begin(q, call.heads_kv, call.scale)
-        kv = be.pack_kv(k, v, travel=size > 1)
-        return state, [kv, _receive_buffer(call, kv)]
+        return state, _kv_slots(call, be.pack_kv(k, v, travel=size > 1))
 
     state, kv = _agree_allocated(call.comm, "ring_attention", allocate, lambda: _estimate(call, q, k, False))
     fence = None  # the last compute step's completion (GPU: an event; NumPy: None)
     for s in range(size):
-        cur, nxt = kv[s % 2], kv[(s + 1) % 2]
+        cur, nxt = kv[s], kv[s + 1]
         ex = _post_kv(call, s, cur, nxt, fence)
         if call.active[s]:
             be.fwd_step(state, cur, call.q_segs, call.k_segs[(rank - s) % size], call.mask)
@@ -485,13 +486,25 @@ def _forward(call: _Call, q, k, v):
     return be.fwd_end(state)
 
 
-def _receive_buffer(call: _Call, kv):
-    """The K/V buffer that blocks arrive in (None on one rank). Zeroed where blocks arrive
-    in part (``kv_rows``): the rows no message writes hold zeros or earlier blocks' rows,
-    which the mask hides from every query, and never uninitialised memory (0·NaN)."""
-    if call.comm.Get_size() == 1:
-        return None
-    return call.backend.zeros_like(kv) if call.kv_rows else call.backend.empty_like(kv)
+def _kv_slots(call: _Call, own) -> list:
+    """The K/V block in hand at each ring step (``slots[s]``, s = 0…N; ``slots[s + 1]`` is
+    where exchange s receives): ``own`` (this rank's block, from ``pack_kv``) at step 0,
+    then buffers that blocks arrive in, two in turns (a receive never lands in the block
+    a queued step still reads: the ring's fence), one where at most one block arrives.
+    Where the backend's own block is its private copy, that copy is one of the two.
+
+    Zeroed where blocks arrive in part (``kv_rows``): the rows no message writes hold zeros
+    or earlier blocks' rows, which the mask hides from every query, never uninitialised
+    memory (0·NaN in P·V)."""
+    size, be = call.comm.Get_size(), call.backend
+    receives = sum(recv for _, recv in call.kv_hops)
+    if size == 1:
+        return [own, None]
+    if be.owns_packed_kv:
+        turns = [own, be.kv_buffer(own, zero=bool(call.kv_rows))]
+        return [turns[s % 2] for s in range(size + 1)]
+    turns = [be.kv_buffer(own, zero=bool(call.kv_rows)) for _ in range(min(receives, 2))] or [None]
+    return [own] + [turns[(s - 1) % len(turns)] for s in range(1, size + 1)]
 
 
 def _post_kv(call: _Call, s: int, cur, nxt, fence):
@@ -554,18 +567,17 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
 
     def allocate():
         state = be.bwd_begin(dout, q, out, lse, call.heads_kv, call.scale)
-        kv0 = be.pack_kv(k, v, travel=size > 1)
-        kv = [kv0, _receive_buffer(call, kv0)]
+        kv = _kv_slots(call, be.pack_kv(k, v, travel=size > 1))
         # dK/dV partials (layout.dkv_plan): 3 buffers for a full ring (computed into, in
         # flight, arriving), fewer where blocks stay home, at most 4.
-        return state, kv, [be.empty_dkv(kv0) for _ in range(plan.buffers)]
+        return state, kv, [be.empty_dkv(kv[0]) for _ in range(plan.buffers)]
 
     state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate,
                                       lambda: _estimate(call, q, k, True))
     axis = be.seq_axis
     fence, ex_dkv = None, None
     for s, step in enumerate(plan.steps):
-        cur, nxt = kv[s % 2], kv[(s + 1) % 2]
+        cur, nxt = kv[s], kv[s + 1]
         ex_kv = _post_kv(call, s, cur, nxt, fence)
         if step.zero:  # the rows the partial will hold; the others are never read
             _rows(dkv[step.compute], step.rows, axis).fill(0)

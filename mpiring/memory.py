@@ -70,10 +70,12 @@ def memory_estimate(
     causal, window, cu_seqlens : as for the ring call; any of them makes the blockwise
         backend build mask tiles (and ``cu_seqlens`` picks the blockwise backend on CuPy
         while the CUDA kernels have no per-document masks).
-    comm_size : number of ranks (None: more than one; a single rank keeps one K/V
-        buffer — none with the CUDA kernels, which read k and v in place — and one dK/dV
-        buffer instead of two and up to four: :func:`mpiring.layout.dkv_plan`, 3 on a full
-        ring, fewer where packed documents keep blocks home).
+    comm_size : number of ranks (None: more than one, with two K/V buffers; a single
+        rank keeps one K/V buffer and one dK/dV buffer instead of two and up to four:
+        :func:`mpiring.layout.dkv_plan`, 3 on a full ring, fewer where packed documents
+        keep blocks home). The CUDA kernels read the caller's k and v in place: other
+        ranks' blocks arrive in two buffers, one where a rank receives at most one block
+        (two ranks, packed documents), none on one rank.
     backend : ``"auto"`` (the one the ring call would pick), ``"blockwise"`` or ``"cuda"``.
 
     Returns
@@ -110,6 +112,10 @@ def memory_breakdown(
     sizes = _Sizes(batch, seqlen_local, heads, heads_kv, head_dim, dtype, size,
                    _dkv_buffers(layout, size, batch, seqlen_local, mask) if backward else 0)
     if backend == "cuda":
+        # The caller's k, v are the own block; blocks of other ranks arrive in 1 or 2 buffers
+        # (2 where the size is not given).
+        if comm_size is not None:
+            sizes.kv_buffers = _kv_receive_buffers(layout, size, batch, seqlen_local, mask)
         phases = _cuda_phases(sizes, backward)
     else:
         phases = _blockwise_phases(sizes, backward, layout, array, masked, mask)
@@ -185,12 +191,26 @@ class _Sizes:
         self.dkv_buffers = dkv_buffers  # _dkv_buffers
 
 
+def _schedules(layout: str, size: int, batch: int, seqlen: int, mask) -> list:
+    return [_layout.step_schedule(layout, r, size, seqlen, seqlen, mask, batch=batch) for r in range(size)]
+
+
+def _kv_receive_buffers(layout: str, size: int, batch: int, seqlen: int, mask) -> int:
+    """K/V buffers that blocks arrive in with the CUDA kernels (their own block is the
+    caller's k, v), on the rank that needs most: two in turns, one where a rank receives
+    at most one block (layout.kv_hops: packed documents, two ranks), none on one rank."""
+    if size == 1:
+        return 0
+    schedules = _schedules(layout, size, batch, seqlen, mask)
+    return max(min(2, sum(recv for _, recv in _layout.kv_hops(schedules, r))) for r in range(size))
+
+
 def _dkv_buffers(layout: str, size: int, batch: int, seqlen: int, mask) -> int:
     """dK/dV buffers of the backward on the rank that needs most (layout.dkv_plan): 3 on
     a full ring (computed into, in flight, arriving), 1 where every block stays home."""
     if size == 1:
         return 1
-    schedules = [_layout.step_schedule(layout, r, size, seqlen, seqlen, mask, batch=batch) for r in range(size)]
+    schedules = _schedules(layout, size, batch, seqlen, mask)
     return max(_layout.dkv_plan(schedules, r).buffers for r in range(size))
 
 
@@ -339,10 +359,11 @@ def _blockwise_phases(z: _Sizes, backward: bool, layout: str, array: str, masked
 
 # --- the CUDA kernel backend (mpiring/backends/cupy_.py) ---------------------------------
 def _cuda_phases(z: _Sizes, backward: bool):
-    """The kernels read q, k, v in place and keep fp32 state; no score tiles in memory."""
+    """The kernels read q, k, v in place (the own K/V block too) and keep fp32 state; no
+    score tiles in memory."""
     Q, KV, R, e = z.Q, z.KV, z.R, z.e
-    multi_step = z.size > 1  # a single-step call needs no fp32 state, and reads k, v in place
-    kv = {"K/V ring buffers": z.kv_buffers * 2 * KV * e if multi_step else 0}
+    multi_step = z.size > 1  # a single-step call needs no fp32 state
+    kv = {"K/V receive buffers": z.kv_buffers * 2 * KV * e if multi_step else 0}
     phases = {
         "forward": {
             **kv, "out": Q * e, "lse": R * 4,

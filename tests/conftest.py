@@ -40,9 +40,14 @@ def poisoned_ring_buffers(monkeypatch):
     def dkv_kernels(self, kv):
         return self.xp.full((2,) + tuple(kv[0].shape), np.nan, np.float32)
 
-    for cls, dkv in ((BlockwiseBackend, dkv_blockwise), (CudaKernelBackend, dkv_kernels)):
-        monkeypatch.setattr(cls, "empty_like", lambda self, buf: self.xp.full_like(buf, np.nan))
-        monkeypatch.setattr(cls, "zeros_like", lambda self, buf: self.xp.full_like(buf, 1e4))
+    def kv_blockwise(self, kv, zero=False):
+        return self.xp.full_like(kv, 1e4 if zero else np.nan)
+
+    def kv_kernels(self, kv, zero=False):
+        return self.xp.full((2,) + tuple(kv[0].shape), 1e4 if zero else np.nan, kv[0].dtype)
+
+    for cls, dkv, kv in ((BlockwiseBackend, dkv_blockwise, kv_blockwise), (CudaKernelBackend, dkv_kernels, kv_kernels)):
+        monkeypatch.setattr(cls, "kv_buffer", kv)
         monkeypatch.setattr(cls, "empty_dkv", dkv)
 
 

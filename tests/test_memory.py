@@ -123,6 +123,17 @@ def test_cuda_backend_model():
     assert fwd == 2 * 2 * kv_bytes + q_bytes + rows + 2 * q_bytes + 2 * rows
     single = memory_estimate(b, s, h, hkv, d, bfloat16, array="cupy", backend="cuda", comm_size=1)
     assert single == q_bytes + rows
+    # the own block is the caller's k, v: blocks of others arrive in two buffers in turns,
+    # in one where each rank receives one block at most
+    cuda = dict(array="cupy", backend="cuda")
+    assert memory_estimate(b, s, h, hkv, d, bfloat16, comm_size=4, **cuda) == fwd
+    assert memory_estimate(b, s, h, hkv, d, bfloat16, comm_size=2, **cuda) == fwd - 2 * kv_bytes
+    packed = memory_estimate(b, s, h, hkv, d, bfloat16, comm_size=4, causal=True,
+                             cu_seqlens=[0, *range(s // 4, 4 * s, s // 2), 4 * s], **cuda)
+    assert packed == fwd - 2 * kv_bytes  # documents across rank boundaries: one block arrives
+    home = memory_estimate(b, s, h, hkv, d, bfloat16, comm_size=4, causal=True,
+                           cu_seqlens=np.arange(0, 4 * s + 1, s // 2), **cuda)
+    assert home == fwd - 4 * kv_bytes  # documents inside ranks: nothing arrives
 
 
 @pytest.mark.serial

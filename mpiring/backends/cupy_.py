@@ -8,8 +8,8 @@ returns an event on that stream (the GPU transports wait on it).
 Internal layouts (all contiguous; B batch, S tokens, H q heads, Hkv kv heads, D head dim):
 
 * ``q``, ``out``, ``dout``: ``(B, Sq, H, D)`` input dtype, as the caller gives them
-* travelling K/V: ``(2, B, Sk, Hkv, D)`` input dtype (one rank: the caller's k and v, not
-  copied); travelling dK/dV: ``(2, B, Sk, Hkv, D)`` float32
+* K/V: the rank's own block is the caller's k and v (not copied), blocks of other ranks
+  arrive in ``(2, B, Sk, Hkv, D)`` input dtype; travelling dK/dV: ``(2, B, Sk, Hkv, D)`` float32
 * forward state: ``acc`` ``(B, Sq, H, D)`` float32; ``m`` (log2 units, scale folded in)
   and ``l`` ``(B, H, Sq)`` float32
 * backward: ``dq_acc`` ``(B, Sq, H, D)`` float32 (scale applied), ``delta`` ``(B, H, Sq)``;
@@ -303,6 +303,7 @@ class CudaKernelBackend:
 
     name = "cuda"
     seq_axis = 2  # of the travelling K/V and dK/dV buffers
+    owns_packed_kv = False  # pack_kv returns the caller's k, v (never received into)
 
     def __init__(self, steps: int | None = None, tiles: dict | None = None, deterministic: bool = True):
         import cupy
@@ -331,26 +332,20 @@ class CudaKernelBackend:
 
     # --- buffers ------------------------------------------------------------------------
     def pack_kv(self, k, v, travel: bool = True):
-        """The travelling K/V buffer ``(2, B, Sk, Hkv, D)`` in the input dtype; with
-        ``travel=False`` (one rank: the block never moves) the pair ``(k, v)`` itself, not
-        copied where contiguous. The kernels take K and V as two pointers: ``kv[0]``, ``kv[1]``."""
+        """The rank's own K/V block: the pair ``(k, v)`` itself, not copied where contiguous
+        (the kernels take K and V as two pointers, ``kv[0]``, ``kv[1]``; the ring sends them
+        from there). Blocks from other ranks arrive in :meth:`kv_buffer`."""
         xp = self.xp
-        if not travel:
-            return xp.ascontiguousarray(k), xp.ascontiguousarray(v)
-        kv = xp.empty((2,) + tuple(k.shape), dtype=k.dtype)
-        kv[0] = k
-        kv[1] = v
-        return kv
+        return xp.ascontiguousarray(k), xp.ascontiguousarray(v)
+
+    def kv_buffer(self, kv, zero: bool = False):
+        """A buffer ``(2, B, Sk, Hkv, D)`` that K/V blocks like ``kv`` arrive in (zeroed: ``zero``)."""
+        make = self.xp.zeros if zero else self.xp.empty
+        return make((2,) + tuple(kv[0].shape), dtype=kv[0].dtype)
 
     def record(self):
         """An event recorded on the current stream after the work queued so far."""
         return record_event(self.xp)
-
-    def empty_like(self, buf):
-        return self.xp.empty_like(buf)
-
-    def zeros_like(self, buf):
-        return self.xp.zeros_like(buf)
 
     def empty_dkv(self, kv):
         """dK/dV partials like :meth:`zeros_dkv`, uninitialised (the ring clears what it uses)."""

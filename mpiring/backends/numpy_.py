@@ -156,6 +156,7 @@ class BlockwiseBackend:
     """The CPU ring's compute (and a CuPy fallback): one method per ring-loop stage."""
 
     seq_axis = 3  # of the travelling K/V and dK/dV buffers (head-major)
+    owns_packed_kv = True  # pack_kv makes a copy, which later blocks may arrive in
 
     def __init__(self, xp):
         self.xp = xp
@@ -190,11 +191,9 @@ class BlockwiseBackend:
         """A completion token for the work queued so far (see :func:`record_event`)."""
         return record_event(self.xp)
 
-    def empty_like(self, buf):
-        return self.xp.empty_like(buf)
-
-    def zeros_like(self, buf):
-        return self.xp.zeros_like(buf)
+    def kv_buffer(self, kv, zero: bool = False):
+        """A buffer that K/V blocks like ``kv`` (:meth:`pack_kv`) arrive in (zeroed: ``zero``)."""
+        return self.xp.zeros_like(kv) if zero else self.xp.empty_like(kv)
 
     def empty_dkv(self, kv):
         """dK/dV partials like :meth:`zeros_dkv`, uninitialised (the ring clears what it uses)."""
