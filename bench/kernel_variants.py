@@ -136,7 +136,7 @@ VARIANTS = {
 VARIANT_ENV = {
     # the mma.sync backward beside the wgmma one (Hopper, d128: MPIRING_WGMMA's default is both)
     "bwd-mma-sync": {"MPIRING_WGMMA": "fwd"},
-    # the mma.sync forward beside the wgmma one (Hopper, where the wgmma forward is the default)
+    # the mma.sync forward beside the wgmma one (Hopper, d64 and d128)
     "fwd-mma-sync": {"MPIRING_WGMMA": "bwd"},
     # the mma.sync forward and backward
     "mma-sync": {"MPIRING_WGMMA": "0"},

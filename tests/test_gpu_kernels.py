@@ -124,28 +124,33 @@ def test_kernels_many_tiles(seed, dtype, causal, window, head_dim):
            layout="zigzag", causal=causal, window=window, batch=2)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("causal,window", MASKS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mma_sync_kernels_where_wgmma_is_the_default(seed, monkeypatch, dtype, causal, window):
-    """MPIRING_WGMMA=0: the mma.sync d128 forward and backward, which Hopper no longer runs by
-    default, over many tiles and with documents (on other GPUs every test above runs them)."""
+def test_mma_sync_kernels_where_wgmma_is_the_default(seed, monkeypatch, dtype, causal, window, head_dim):
+    """MPIRING_WGMMA=0: the mma.sync kernels Hopper no longer runs by default (d128 forward
+    and backward, d64 forward), over many tiles and with documents (on other GPUs every
+    test above runs them)."""
     monkeypatch.setenv("MPIRING_WGMMA", "0")
-    _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=128, dtype=dtype,
+    _check(seed, size=2, seqlen_local=530, heads=4, heads_kv=2, head_dim=head_dim, dtype=dtype,
            layout="zigzag", causal=causal, window=window, batch=2)
-    _check(seed, size=2, seqlen_local=260, heads=4, heads_kv=2, head_dim=128, dtype=dtype,
+    _check(seed, size=2, seqlen_local=260, heads=4, heads_kv=2, head_dim=head_dim, dtype=dtype,
            layout="contiguous", causal=causal, window=window, documents=True)
 
 
-def test_hopper_runs_the_wgmma_kernels_at_d128():
-    """On compute capability 9.0 the d128 tests above run the wgmma forward and backward
-    (so they check those, not a silent fallback); elsewhere the mma.sync ones."""
+def test_hopper_runs_the_wgmma_kernels():
+    """On compute capability 9.0 the d128 tests above run the wgmma forward and backward, and
+    the d64 ones the wgmma forward (so they check those, not a silent fallback); elsewhere
+    the mma.sync kernels."""
     if os.environ.get("MPIRING_WGMMA", "1").strip() != "1":
         pytest.skip("MPIRING_WGMMA is set: not the default kernels")
     dev = cupy.cuda.Device()
     hopper = dev.compute_capability == "90"
     for f in cupy_backend.KERNEL_FILES:
         assert cupy_backend._use_wgmma(dev.id, f, 128) == hopper, f
-        assert not cupy_backend._use_wgmma(dev.id, f, 64), f
+        assert not cupy_backend._use_wgmma(dev.id, f, 32), f
+    assert cupy_backend._use_wgmma(dev.id, "attention_fwd.cu", 64) == hopper
+    assert not cupy_backend._use_wgmma(dev.id, "attention_bwd.cu", 64)
 
 
 @pytest.mark.parametrize("causal,window", MASKS)

@@ -65,14 +65,16 @@ def test_nvrtc_compiles(nvrtc, kernel_file, head_dim, arch):
     assert "warning" not in log, log
 
 
-@pytest.mark.parametrize("kernel_file", cupy_.KERNEL_FILES)
-def test_nvrtc_compiles_wgmma_variants(nvrtc, kernel_file):
+@pytest.mark.parametrize("kernel_file,head_dim", [("attention_fwd.cu", 128), ("attention_fwd.cu", 64),
+                                                  ("attention_bwd.cu", 128)])
+def test_nvrtc_compiles_wgmma_variants(nvrtc, kernel_file, head_dim):
     """Each kernel's Hopper variant (FWD_WGMMA / BWD_WGMMA, sm_90a), with the launcher's
     options, without warnings and without spills (ptxas -v: a spill in these loops costs
     more than the variant gains)."""
     sources = cupy_.kernel_sources()
     code = cupy_._inline_header(sources[kernel_file], sources)
-    options = list(cupy_.compile_options(kernel_file, 128, wgmma=True))
+    assert cupy_.wgmma_applies(kernel_file, head_dim, capability="90")
+    options = list(cupy_.compile_options(kernel_file, head_dim, wgmma=True))
     assert "--gpu-architecture=sm_90a" in options
     rc, log = _compile(nvrtc, kernel_file, code, [*options, "--ptxas-options=-v"])
     assert rc == 0, f"{nvrtc.nvrtcGetErrorString(rc)}\n{log}"
@@ -85,14 +87,17 @@ def test_nvrtc_compiles_wgmma_variants(nvrtc, kernel_file):
 
 
 def test_wgmma_applies_only_where_it_can(monkeypatch):
-    """Hopper (9.0), head_dim 128, no tile override of that kernel; MPIRING_WGMMA=0 turns
-    both off, =fwd / =bwd keeps one."""
+    """Hopper (9.0), head_dim 128 (the forward also 64), no tile override of that kernel;
+    MPIRING_WGMMA=0 turns both off, =fwd / =bwd keeps one."""
     monkeypatch.delenv("MPIRING_WGMMA", raising=False)
     for f in cupy_.KERNEL_FILES:
         assert cupy_.wgmma_applies(f, 128, capability="90")
         assert not cupy_.wgmma_applies(f, 128, capability="80")
         assert not cupy_.wgmma_applies(f, 128, capability="100")
-        assert not cupy_.wgmma_applies(f, 64, capability="90")
+        assert not cupy_.wgmma_applies(f, 32, capability="90")
+        assert not cupy_.wgmma_applies(f, 96, capability="90")
+    assert cupy_.wgmma_applies("attention_fwd.cu", 64, capability="90")
+    assert not cupy_.wgmma_applies("attention_bwd.cu", 64, capability="90")
     other = {**cupy_.TILES, 128: {**cupy_.TILES[128], "fwd": (4, 2, 32)}}
     assert not cupy_.wgmma_applies("attention_fwd.cu", 128, other, capability="90")
     assert cupy_.wgmma_applies("attention_bwd.cu", 128, other, capability="90")

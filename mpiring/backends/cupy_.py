@@ -110,13 +110,13 @@ def wgmma_stages() -> int:
 
 def wgmma_applies(kernel_file: str, head_dim: int, tiles: dict | None = None, capability: str | None = None) -> bool:
     """The kernel file's Hopper variant (warpgroup MMA, ``wgmma``, ``mpiring/kernels/wgmma.cuh``):
-    compute capability 9.0, head_dim 128, no tile override of that kernel (its tiles are
+    compute capability 9.0, head_dim 128 (the forward also 64), no tile override of that kernel (its tiles are
     :data:`WGMMA_FWD_TILES` / :data:`WGMMA_BWD_TILES`). ``MPIRING_WGMMA``: ``1`` (default)
     both kernels, ``0`` neither, ``fwd`` / ``bwd`` only that one. ``capability``: e.g.
     ``"90"`` (default: the current device's). Where CuPy's NVRTC can't build it, the
     mma.sync kernel runs instead (with a warning)."""
     key = "fwd" if kernel_file == "attention_fwd.cu" else "bwd"
-    if head_dim != 128:
+    if head_dim not in ((64, 128) if key == "fwd" else (128,)):
         return False
     if tiles is not None and tuple(tiles[head_dim][key]) != tuple(TILES[head_dim][key]):
         return False

@@ -31,7 +31,7 @@
 #ifndef FWD_BN
 #define FWD_BN 64
 #endif
-// FWD_WGMMA=1 (sm_90a, head_dim 128): the two products on Hopper's warpgroup MMA
+// FWD_WGMMA=1 (sm_90a, head_dim 64 or 128): the two products on Hopper's warpgroup MMA
 // (wgmma.cuh) instead of mma.sync; everything else is shared. Each warpgroup (4 warps)
 // owns MI blocks of 64 query rows (m64 tiles); 128 keys per tile.
 #ifndef FWD_WGMMA
@@ -52,7 +52,7 @@ __device__ __forceinline__ void attn_fwd_body(
   // mma.sync reads rows padded to D + 8 (ldmatrix without bank conflicts); wgmma reads
   // unpadded core-matrix tiles (wgmma.cuh).
   constexpr bool WG = FWD_WGMMA;
-  static_assert(!WG || (NW % 4 == 0 && BN == 128 && D == 128), "FWD_WGMMA: d128, warpgroups, 128 keys");
+  static_assert(!WG || (NW % 4 == 0 && BN == 128 && (D == 128 || D == 64)), "FWD_WGMMA: d64/d128, warpgroups, 128 keys");
   const int BM = 16 * MI * NW, NT = 32 * NW, LD = WG ? D : D + 8;
   // K/V pipeline stages: the copy of the tile STAGES − 1 ahead is in flight during a tile's
   // compute (wgmma computes a tile faster than one copy's latency: three stages).
@@ -325,7 +325,13 @@ __device__ __forceinline__ void attn_fwd_body(
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk)
 #pragma unroll
-        for (int mi = 0; mi < MI; ++mi) Wg<T>::rs_n128(o[mi], pa[kk][mi], wg_desc(vs0 + kk * 2048, BN * 128, 1024));
+        for (int mi = 0; mi < MI; ++mi) {
+          const u64 dv = wg_desc(vs0 + kk * 2048, BN * 128, 1024);
+          if constexpr (D == 128)
+            Wg<T>::rs_n128(o[mi], pa[kk][mi], dv);
+          else
+            Wg<T>::rs_n64(o[mi], pa[kk][mi], dv);
+        }
       WG_COMMIT();
       WG_WAIT0();
       wg_keep(pa);

@@ -83,14 +83,26 @@ __device__ __forceinline__ void wg_keep(X (&a)[N]) {
                  : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));                                      \
   }
 
+// d (m64 × n64, fp32) += A·B, A from registers, B N-major in shared memory (P·V at d64).
+#define WG_RS_N64(TY)                                                                                        \
+  __device__ __forceinline__ static void rs_n64(float (&d)[8][4], const u32 (&a)[4], u64 db) {                \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY " " WG_R32                           \
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                              \
+                 : WG_F32(d)                                                                                  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));                              \
+  }
+
 template <typename T> struct Wg;
 template <> struct Wg<bf16_t> {
   WG_SS_N128("bf16")
   WG_RS_N128("bf16")
   WG_SS_N64("bf16")
+  WG_RS_N64("bf16")
 };
 template <> struct Wg<f16_t> {
   WG_SS_N128("f16")
   WG_RS_N128("f16")
   WG_SS_N64("f16")
+  WG_RS_N64("f16")
 };
