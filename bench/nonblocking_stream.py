@@ -1,0 +1,24 @@
+"""`python bench/nonblocking_stream.py BENCH ...`: `python -m mpiring.bench BENCH ...` with
+each rank's current CuPy stream a non-blocking one (made current right after the bench
+picks the rank's GPU) instead of CUDA's legacy default stream. Produced the ninth session's
+"non-blocking" rows (bench/README.md, Long context); since then the ring call itself moves
+its work off the legacy stream (mpiring.transport.gpu.ring_stream)."""
+import runpy
+import sys
+
+import mpiring.transport.gpu as gpu
+
+_select = gpu.select_device
+
+
+def select_device(*args, **kwargs):
+    import cupy
+
+    device = _select(*args, **kwargs)
+    cupy.cuda.Stream(non_blocking=True).use()
+    return device
+
+
+gpu.select_device = select_device
+sys.argv = ["mpiring.bench"] + sys.argv[1:]
+runpy.run_module("mpiring.bench", run_name="__main__", alter_sys=True)
