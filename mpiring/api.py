@@ -11,7 +11,6 @@ allgather and derive the same send/receive plan (layout.kv_hops).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -462,8 +461,7 @@ def ring_attention(
         "ring_attention", comm, arrays, problem=problem, causal=causal, softmax_scale=softmax_scale,
         layout=layout, window=window, cu_seqlens=cu_seqlens, transport=transport, timeout=timeout,
     )
-    with _ring_stream(call, arrays["q"]):
-        out, lse = _forward(call, arrays["q"], arrays["k"], arrays["v"])
+    out, lse = _forward(call, arrays["q"], arrays["k"], arrays["v"])
     return (export(out), export(lse)) if return_lse else export(out)
 
 
@@ -486,16 +484,6 @@ def _forward(call: _Call, q, k, v):
         if ex is not None:
             tr.wait(ex, timeout=call.timeout)
     return be.fwd_end(state)
-
-
-def _ring_stream(call: _Call, array):
-    """The stream a ring call runs on (:func:`mpiring.transport.gpu.ring_stream`): off CUDA's
-    legacy default stream where it has transfers; as it is on one rank and on NumPy."""
-    if call.comm.Get_size() == 1 or not is_cupy(array):
-        return contextlib.nullcontext()
-    from mpiring.transport.gpu import ring_stream
-
-    return ring_stream()
 
 
 def _kv_slots(call: _Call, own) -> list:
@@ -567,8 +555,7 @@ def ring_attention_backward(
         causal=causal, softmax_scale=softmax_scale, layout=layout, window=window,
         cu_seqlens=cu_seqlens, transport=transport, timeout=timeout, lse=lse, deterministic=deterministic,
     )
-    with _ring_stream(call, arrays["q"]):
-        grads = _backward(call, arrays["dout"], arrays["q"], arrays["k"], arrays["v"], arrays["out"], lse)
+    grads = _backward(call, arrays["dout"], arrays["q"], arrays["k"], arrays["v"], arrays["out"], lse)
     return tuple(export(g) for g in grads)
 
 

@@ -119,35 +119,6 @@ def test_documents(comm, seed, transport, documents, layout):
 
 @gpu
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_ring_runs_off_the_legacy_stream(comm, seed, transport, monkeypatch):
-    """Called on CUDA's legacy default stream, a ring call's kernels run on a private
-    non-blocking stream (CUDA-aware MPI's copies on blocking streams would wait for them
-    there: mpiring.transport.gpu.ring_stream), in order with the caller's stream: inputs
-    copied to the GPU on it just before the call and results read on it after are right.
-    Called on a stream of the caller's, they run on that stream."""
-    if comm.Get_size() == 1:
-        pytest.skip("one rank has no transfers: it runs where it is called")
-    from mpiring.backends.cupy_ import CudaKernelBackend
-
-    streams = []
-    for name in ("fwd_step", "bwd_step"):
-        real = getattr(CudaKernelBackend, name)
-        monkeypatch.setattr(CudaKernelBackend, name, lambda self, *a, _real=real, **kw: (
-            streams.append(cp.cuda.get_current_stream().ptr), _real(self, *a, **kw))[1])
-    options = dict(seqlen_local=96, heads=4, heads_kv=2, head_dim=64, dtype=bfloat16, causal=True, xp=cp,
-                   transport=transport)
-    assert cp.cuda.get_current_stream().ptr == 0
-    check_ring(comm, seed, layout="zigzag", **options)
-    assert streams and 0 not in streams, "a ring kernel ran on the legacy default stream"
-    streams.clear()
-    mine = cp.cuda.Stream(non_blocking=True)
-    with mine:
-        check_ring(comm, seed + 1, layout="contiguous", **options)
-    assert set(streams) == {mine.ptr}
-
-
-@gpu
-@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_message_counts(comm, seed, transport):
     """N−1 K/V hops forward; N−1 K/V + N dK/dV hops backward (N = 2: one); nothing left pending."""
     size = comm.Get_size()

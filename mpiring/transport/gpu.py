@@ -20,9 +20,7 @@ communicator costs a collective and ~100 ms.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
 import os
 import re
 import time
@@ -37,7 +35,6 @@ __all__ = [
     "GpuExchange",
     "chosen_gpu_transport",
     "mpi_cuda_support",
-    "ring_stream",
     "select_device",
     "select_gpu_transport",
 ]
@@ -98,45 +95,6 @@ def mpi_cuda_support() -> tuple[bool, str]:
             value = fn()
             _PROBE["result"] = (value == 1, f"MPIX_Query_cuda_support()={value} in {_loaded_libmpi() or 'libmpi'}")
     return _PROBE["result"]
-
-
-# --- the ring's compute stream ---------------------------------------------------------
-@contextlib.contextmanager
-def ring_stream():
-    """Run a ring call's GPU work on a private non-blocking stream where the caller is on
-    CUDA's legacy default stream, in order with the caller's work (an event each way).
-
-    On the legacy stream, every blocking stream waits for the kernels queued before its work
-    and the other way round; CUDA-aware Open MPI copies on such streams, so a transfer
-    posted under a compute kernel waited for it (measured on two H100s, 8 packed
-    documents: a K/V transfer took as long as the compute it was meant to hide under,
-    2.2 / 6.0 ms, against 0.3 ms off the legacy stream). Elsewhere (a stream of the
-    caller's, the per-thread default stream) the call runs where it is.
-
-    Memory the call allocates belongs to the private stream's part of CuPy's pool; each
-    call first waits for the caller's stream, so what a caller freed after using it there
-    is reused only after that use."""
-    import cupy
-
-    caller = cupy.cuda.get_current_stream()
-    if caller.ptr != 0:  # not the legacy default stream (cupy.cuda.Stream.null)
-        yield
-        return
-    stream = _private_stream(cupy.cuda.Device().id)
-    stream.wait_event(caller.record())
-    try:
-        with stream:
-            yield
-    finally:
-        caller.wait_event(stream.record())
-
-
-@functools.cache
-def _private_stream(device_id: int):
-    import cupy
-
-    with cupy.cuda.Device(device_id):
-        return cupy.cuda.Stream(non_blocking=True)
 
 
 # --- one GPU per rank -------------------------------------------------------------------
