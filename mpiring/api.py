@@ -517,9 +517,13 @@ def _post_kv(call: _Call, s: int, cur, nxt, fence):
     if not (send or recv):
         return None
     rows, axis = call.kv_rows[s] if call.kv_rows else (None, None), call.backend.seq_axis
+    ready = call.backend.record()
+    # The receive may land once no queued step reads ``nxt`` (``fence``) and, before the
+    # first step, once what was queued to make it (its zero fill) is done: a transport may
+    # write it from a stream of its own that waits for nothing else (mpi-staged's copies).
     return call.transport.post([_message(cur, rows[0], axis)] if send else [],
                                [_message(nxt, rows[1], axis)] if recv else [], tag=_TAG_KV,
-                               send_ready=call.backend.record(), recv_free=fence)
+                               send_ready=ready, recv_free=ready if fence is None else fence)
 
 
 def ring_attention_backward(
