@@ -1,8 +1,9 @@
 """`python bench/nonblocking_stream.py BENCH ...`: `python -m mpiring.bench BENCH ...` with
 each rank's current CuPy stream a non-blocking one (made current right after the bench
 picks the rank's GPU) instead of CUDA's legacy default stream. Produced the ninth session's
-"non-blocking" rows (bench/README.md, Long context); since then the ring call itself moves
-its work off the legacy stream (mpiring.transport.gpu.ring_stream)."""
+"non-blocking" rows (bench/README.md, Long context). Branch ``ring-stream`` has the ring
+call move its work off the legacy stream itself (mpiring.transport.gpu.ring_stream), not
+yet run through the GPU tests with its ordering fix."""
 import runpy
 import sys
 
