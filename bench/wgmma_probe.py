@@ -92,6 +92,23 @@ __device__ __forceinline__ void store_acc(float* D, const float* d) {
     }
 }
 
+// D = A*B from shared tiles that every thread has just written (descriptors with the
+// given offsets): make the writes visible to the async proxy, one product, store.
+template <int TB>
+__device__ __forceinline__ void ss_product(float* D, const u16* sA, int a_lbo, int a_sbo, const u16* sB,
+                                           int b_lbo, int b_sbo) {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  float d[32];
+  for (int i = 0; i < 32; ++i) d[i] = 0.f;
+  const u64 da = desc(sA, a_lbo, a_sbo), db = desc(sB, b_lbo, b_sbo);
+  WG_FENCE();
+  mma_ss<TB>(d, da, db, 0);
+  WG_COMMIT();
+  WG_WAIT0();
+  store_acc(D, d);
+}
+
 // S = A * B^T: A 64x16 and B 64x16 row-major in global memory, both K-major in shared.
 extern "C" __global__ void __launch_bounds__(128) probe_ss(const u16* A, const u16* B, float* D, int mode,
                                                            int a_lbo, int a_sbo, int b_lbo, int b_sbo) {
@@ -102,16 +119,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_ss(const u16* A, const u
     sA[kmajor_off(r, k, 64, mode)] = A[i];
     sB[kmajor_off(r, k, 64, mode)] = B[i];
   }
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  float d[32];
-  for (int i = 0; i < 32; ++i) d[i] = 0.f;
-  const u64 da = desc(sA, a_lbo, a_sbo), db = desc(sB, b_lbo, b_sbo);
-  WG_FENCE();
-  mma_ss<0>(d, da, db, 0);
-  WG_COMMIT();
-  WG_WAIT0();
-  store_acc(D, d);
+  ss_product<0>(D, sA, a_lbo, a_sbo, sB, b_lbo, b_sbo);
 }
 
 // O = P * V: P 64x16 (K-major, arrangement `pmode` with offsets p_lbo/p_sbo), V 16x64
@@ -125,16 +133,7 @@ extern "C" __global__ void __launch_bounds__(128) probe_sv(const u16* P, const u
     sP[kmajor_off(i / 16, i % 16, 64, pmode)] = P[i];
     sV[nmajor_off(i / 64, i % 64, vmode)] = V[i];
   }
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-  __syncthreads();
-  float d[32];
-  for (int i = 0; i < 32; ++i) d[i] = 0.f;
-  const u64 dp = desc(sP, p_lbo, p_sbo), dv = desc(sV, v_lbo, v_sbo);
-  WG_FENCE();
-  mma_ss<1>(d, dp, dv, 0);
-  WG_COMMIT();
-  WG_WAIT0();
-  store_acc(D, d);
+  ss_product<1>(D, sP, p_lbo, p_sbo, sV, v_lbo, v_sbo);
 }
 
 // O = P * V with P from registers in mma.sync's A-fragment layout (per warp 16 rows:
