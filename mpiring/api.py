@@ -471,7 +471,7 @@ def _forward(call: _Call, q, k, v):
 
     def allocate():
         state = be.fwd_begin(q, call.heads_kv, call.scale)
-        return state, _kv_slots(call, be.pack_kv(k, v, travel=size > 1))
+        return state, _kv_slots(call, be.pack_kv(k, v))
 
     state, kv = _agree_allocated(call.comm, "ring_attention", allocate, lambda: _estimate(call, q, k, False))
     fence = None  # the last compute step's completion (GPU: an event; NumPy: None)
@@ -571,7 +571,7 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
 
     def allocate():
         state = be.bwd_begin(dout, q, out, lse, call.heads_kv, call.scale)
-        kv = _kv_slots(call, be.pack_kv(k, v, travel=size > 1))
+        kv = _kv_slots(call, be.pack_kv(k, v))
         # dK/dV partials (layout.dkv_plan): 3 buffers for a full ring (computed into, in
         # flight, arriving), fewer where blocks stay home, at most 4.
         return state, kv, [be.empty_dkv(kv[0]) for _ in range(plan.buffers)]

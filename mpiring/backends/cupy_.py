@@ -331,7 +331,7 @@ class CudaKernelBackend:
             fn(grid, block, args, shared_mem=smem)
 
     # --- buffers ------------------------------------------------------------------------
-    def pack_kv(self, k, v, travel: bool = True):
+    def pack_kv(self, k, v):
         """The rank's own K/V block: the pair ``(k, v)`` itself, not copied where contiguous
         (the kernels take K and V as two pointers, ``kv[0]``, ``kv[1]``; the ring sends them
         from there). Blocks from other ranks arrive in :meth:`kv_buffer`."""

@@ -181,9 +181,9 @@ class BlockwiseBackend:
         b, h, s = x.shape
         return x.reshape(b, heads_kv, h // heads_kv, s).transpose(0, 1, 3, 2)
 
-    def pack_kv(self, k, v, travel: bool = True):
+    def pack_kv(self, k, v):
         """The travelling K/V buffer ``(2, B, Hkv, Sk, D)`` in the input dtype (made for one
-        rank too, ``travel=False``: the blockwise steps read it head-major)."""
+        rank too: the blockwise steps read it head-major)."""
         xp = self.xp
         return xp.ascontiguousarray(xp.stack([k, v]).transpose(0, 1, 3, 2, 4))
 
