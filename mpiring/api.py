@@ -497,13 +497,13 @@ def _kv_slots(call: _Call, own) -> list:
     or earlier blocks' rows, which the mask hides from every query, never uninitialised
     memory (0·NaN in P·V)."""
     size, be = call.comm.Get_size(), call.backend
-    receives = sum(recv for _, recv in call.kv_hops)
     if size == 1:
         return [own, None]
     if be.owns_packed_kv:
         turns = [own, be.kv_buffer(own, zero=bool(call.kv_rows))]
         return [turns[s % 2] for s in range(size + 1)]
-    turns = [be.kv_buffer(own, zero=bool(call.kv_rows)) for _ in range(min(receives, 2))] or [None]
+    receive = _layout.kv_receive_buffers(call.kv_hops)
+    turns = [be.kv_buffer(own, zero=bool(call.kv_rows)) for _ in range(receive)] or [None]
     return [own] + [turns[(s - 1) % len(turns)] for s in range(1, size + 1)]
 
 

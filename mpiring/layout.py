@@ -28,6 +28,7 @@ __all__ = [
     "kv_rows",
     "needed_rows",
     "kv_hops",
+    "kv_receive_buffers",
     "pack_documents",
     "rank_work",
     "Mask",
@@ -343,6 +344,13 @@ def kv_hops(schedules, rank: int) -> tuple[tuple[bool, bool], ...]:
     """
     size, reach = len(schedules), block_reach(schedules)
     return tuple((reach[(rank - s) % size] > s, reach[(rank - 1 - s) % size] > s) for s in range(size - 1))
+
+
+def kv_receive_buffers(hops) -> int:
+    """K/V buffers a rank needs for the blocks that arrive (``hops``: its :func:`kv_hops`)
+    where its own block is not one of them: two in turns (a block arrives while the one
+    before it is still read), one where at most one block arrives, none where none does."""
+    return min(2, sum(recv for _, recv in hops))
 
 
 @dataclass(frozen=True)

@@ -109,13 +109,18 @@ def memory_breakdown(
     if backend == "auto":
         backend = _auto_backend(array, dtype, head_dim, cu_seqlens is not None, seqlen_local * size)
     mask = _layout.make_mask(causal, window, cu_seqlens)
+    # every rank's step schedule (layout.step_schedule), where a buffer count depends on it
+    schedules = None
+    if size > 1 and (backward or (backend == "cuda" and comm_size is not None)):
+        schedules = [_layout.step_schedule(layout, r, size, seqlen_local, seqlen_local, mask, batch=batch)
+                     for r in range(size)]
     sizes = _Sizes(batch, seqlen_local, heads, heads_kv, head_dim, dtype, size,
-                   _dkv_buffers(layout, size, batch, seqlen_local, mask) if backward else 0)
+                   _dkv_buffers(schedules, size) if backward else 0)
     if backend == "cuda":
         # The caller's k, v are the own block; blocks of other ranks arrive in 1 or 2 buffers
         # (2 where the size is not given).
         if comm_size is not None:
-            sizes.kv_buffers = _kv_receive_buffers(layout, size, batch, seqlen_local, mask)
+            sizes.kv_buffers = _kv_receive_buffers(schedules, size)
         phases = _cuda_phases(sizes, backward)
     else:
         phases = _blockwise_phases(sizes, backward, layout, array, masked, mask)
@@ -191,26 +196,19 @@ class _Sizes:
         self.dkv_buffers = dkv_buffers  # _dkv_buffers
 
 
-def _schedules(layout: str, size: int, batch: int, seqlen: int, mask) -> list:
-    return [_layout.step_schedule(layout, r, size, seqlen, seqlen, mask, batch=batch) for r in range(size)]
-
-
-def _kv_receive_buffers(layout: str, size: int, batch: int, seqlen: int, mask) -> int:
+def _kv_receive_buffers(schedules, size: int) -> int:
     """K/V buffers that blocks arrive in with the CUDA kernels (their own block is the
-    caller's k, v), on the rank that needs most: two in turns, one where a rank receives
-    at most one block (layout.kv_hops: packed documents, two ranks), none on one rank."""
+    caller's k, v), on the rank that needs most (layout.kv_receive_buffers), none on one rank."""
     if size == 1:
         return 0
-    schedules = _schedules(layout, size, batch, seqlen, mask)
-    return max(min(2, sum(recv for _, recv in _layout.kv_hops(schedules, r))) for r in range(size))
+    return max(_layout.kv_receive_buffers(_layout.kv_hops(schedules, r)) for r in range(size))
 
 
-def _dkv_buffers(layout: str, size: int, batch: int, seqlen: int, mask) -> int:
+def _dkv_buffers(schedules, size: int) -> int:
     """dK/dV buffers of the backward on the rank that needs most (layout.dkv_plan): 3 on
     a full ring (computed into, in flight, arriving), 1 where every block stays home."""
     if size == 1:
         return 1
-    schedules = _schedules(layout, size, batch, seqlen, mask)
     return max(_layout.dkv_plan(schedules, r).buffers for r in range(size))
 
 
