@@ -40,6 +40,7 @@ from mpiring.bench.common import (
     today,
     write_rows,
 )
+from mpiring.bench.longctx import _documents
 
 _P1 = "#pragma unroll\n      for (int kk = 0; kk < D / 16; ++kk) {\n        u32 aq[2][4]"
 _P3 = "#pragma unroll\n      for (int kk = 0; kk < BN / 16; ++kk) {"
@@ -62,6 +63,9 @@ _BWD_KEYS_FASTEST_ATOMIC = _BWD_GRID + """  if (dq_sem == 0) {
   }
 """
 _BWD_TICKET = "#define TICKET_GROUP 4\n"
+_RAISE_LATER = "    added = sem;  // the next key tile's turn (raised after the next tile's phase 1)\n"
+_DQ_WAIT = "      if (lane == 0 && seen < target) wait_at_least(sem, target);\n"
+_RAISE_NOW = "    __syncthreads();\n    if (sem != 0 && threadIdx.x == 0) release_add(sem);\n"
 
 
 _WAIT_WARP = """        const int target = sTarget[stage];
@@ -89,8 +93,6 @@ _DQ_REDS_FULL = """      if (i0 + BM <= Sq) {  // a full query tile: no row chec
                        dq[mi][n][2 * hr + 1]);
       } else
 """ + _DQ_REDS
-_TILES_BEFORE = "    int lo = 0, hi = (nk + tile - 1) / tile;\n"
-_TILES_BEFORE_SHORT = _TILES_BEFORE + "    if (!keys_before(qp0, qa, ks.pos(min(tile, nk) - 1))) return 0;\n"
 
 VARIANTS = {
     "current": [],
@@ -116,6 +118,20 @@ VARIANTS = {
     "bwd-det-heads-fastest": [("attention_bwd.cu", _BWD_TICKET, "#define TICKET_GROUP (1 << 30)\n")],
     "bwd-det-keys-fastest": [("attention_bwd.cu", _BWD_TICKET, "#define TICKET_GROUP 1\n")],
     "bwd-det-groups16": [("attention_bwd.cu", _BWD_TICKET, "#define TICKET_GROUP 16\n")],
+    # deterministic dQ: a query tile's counter raised right after the block's dQ adds (a block
+    # barrier per query tile more), not after the next query tile's phase 1
+    "bwd-raise-now": [("attention_bwd.cu", _RAISE_LATER, _RAISE_NOW)],
+    # deterministic dQ with documents in increasing key-tile order, query tiles descending
+    # (the kernels before the tenth session); and one sequence in decreasing order
+    "bwd-dq-inc-docs": [("attention_bwd.cu", "#define DQ_DESC_DOCS 1\n", "#define DQ_DESC_DOCS 0\n")],
+    # documents: cu_seqlens read from global memory in the backward (before the tenth session)
+    "bwd-cu-global": [("attention_bwd.cu", "#define CU_SMEM 1024\n", "#define CU_SMEM 0\n")],
+    "bwd-dq-inc-docs-cu-global": [("attention_bwd.cu", "#define DQ_DESC_DOCS 1\n", "#define DQ_DESC_DOCS 0\n"),
+                                  ("attention_bwd.cu", "#define CU_SMEM 1024\n", "#define CU_SMEM 0\n")],
+    "bwd-dq-desc-plain": [("attention_bwd.cu", "#define DQ_DESC_PLAIN 0\n", "#define DQ_DESC_PLAIN 1\n")],
+    # diagnostic, not deterministic: the deterministic path (tickets, counters, fences) without
+    # its waits, i.e. what the waiting itself costs
+    "bwd-det-nowait": [("attention_bwd.cu", _DQ_WAIT, "")],
     # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
     "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
     # (sixth session) The relaxed early counter read and the two barriers per query tile,
@@ -124,13 +140,14 @@ VARIANTS = {
     # the dQ reds of a full query tile without row checks (a branch per row made the
     # compiler reuse the address registers the reds still read)
     "bwd-dq-full-tile": [("attention_bwd.cu", _DQ_REDS, _DQ_REDS_FULL)],
-    # deterministic dQ: thread 0's binary search for the first key tile meeting a query tile
-    # returns at once when key tile 0 does (no window, no documents: every tile), instead of
-    # ~log2(key tiles) dependent steps that delay warp 0 (and the block at the next barrier).
-    # Sixth session: 0.997 / 0.997x (kernel-variants-…-96fdf3e.json): the search is not on the path
-    "bwd-target-shortcut": [("mask.cuh", _TILES_BEFORE, _TILES_BEFORE_SHORT)],
+    # (sixth session: "bwd-target-shortcut", thread 0's binary search for a query tile's
+    # first key tile cut short: 0.997 / 0.997x, kernel-variants-…-96fdf3e.json; the search is
+    # O(1) since the tenth session)
 }
 
+
+# Variants that call the backward with atomic dQ (deterministic=False), the same kernels.
+ATOMIC_DQ = {"bwd-atomic-dq"}
 
 # Variants made by environment variables read at each call (set around that variant's calls).
 VARIANT_ENV = {
@@ -152,6 +169,8 @@ def main() -> None:
     p.add_argument("--heat", type=float, default=3.0, help="seconds of calls before the timed rounds")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *VARIANT_ENV])}")
     p.add_argument("--atomic", action="store_true", help="backward with atomic dQ (deterministic=False)")
+    p.add_argument("--documents", type=int, default=0,
+                   help="causal only, over this many packed random documents (mpiring.bench.longctx's)")
     p.add_argument("--baseline", default="",
                    help="a folder of kernel sources (another commit's mpiring/kernels), timed as variant 'baseline'")
     p.add_argument("--out", default="")
@@ -181,7 +200,7 @@ def _run(args, events) -> None:
         if name == "baseline":
             root = Path(args.baseline)
             sources = {f: (root / f).read_text() for f in original}
-        if name not in VARIANTS and name not in VARIANT_ENV and name != "baseline":
+        if name not in VARIANTS and name not in VARIANT_ENV and name not in ATOMIC_DQ and name != "baseline":
             raise SystemExit(f"unknown variant {name!r}")
         for file, old, new in VARIANTS.get(name, []):
             if old not in sources[file]:
@@ -200,13 +219,14 @@ def _run(args, events) -> None:
         return modules[key]
 
     cupy_._module = module
-    for causal in (False, True):
+    cu = _documents(args.tokens, args.documents) if args.documents else None
+    for causal in (True,) if args.documents else (False, True):
         def call(name, causal=causal):
             state["variant"] = name
             with mock.patch.dict(os.environ, VARIANT_ENV.get(name, {})):  # restored after the call
-                out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal)
-                return mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, causal=causal,
-                                                       deterministic=not args.atomic)
+                out, lse = mpiring.ring_attention(q, k, v, comm, causal=causal, cu_seqlens=cu)
+                return mpiring.ring_attention_backward(dout, q, k, v, out, lse, comm, causal=causal, cu_seqlens=cu,
+                                                       deterministic=not args.atomic and name not in ATOMIC_DQ)
 
         grads = {name: [g.copy() for g in call(name)] for name in names}  # compiles
         heat([functools.partial(call, name) for name in names], args.heat,
@@ -236,7 +256,8 @@ def _run(args, events) -> None:
     if args.out:
         meta = {"card": card_name(), "date": today(), "command": "python3 " + shlex.join(sys.argv),
                 "tokens": args.tokens, "heads": args.heads, "head_dim": args.head_dim,
-                "dq": "atomic" if args.atomic else "deterministic"}
+                "dq": "atomic" if args.atomic else "deterministic", "documents": args.documents,
+                "useful_fraction": 1.0 if cu is None else float(np.square(np.diff(cu) / args.tokens).sum())}
         write_rows(args.out, result_rows(meta, rows))
 
 
@@ -247,13 +268,14 @@ def result_rows(meta: dict, variant_rows: list[dict]) -> list[dict]:
     out = []
     for r in variant_rows:
         flops = attention_flops(1, meta["tokens"], meta["tokens"], meta["heads"], meta["head_dim"], causal=r["causal"],
-                                mode="fwd+bwd")
+                                mode="fwd+bwd") * meta.get("useful_fraction", 1.0)  # documents: their own pairs
         b = base.get(r["causal"])
         out.append(make_row(
             bench="kernel-variant", card=meta["card"], date=meta["date"], command=meta["command"], dtype="float16",
             heads=meta["heads"], heads_kv=meta["heads"], head_dim=meta["head_dim"], seqlen=meta["tokens"], n_gpus=1,
             causal=r["causal"], layout="contiguous", transport=None, **{"pass": "fwd+bwd"}, dq=meta["dq"],
-            variant=r["variant"], tflops_per_gpu=flops / (r["fwd_ms"] + r["bwd_ms"]) / 1e9, fwd_ms=r["fwd_ms"],
+            variant=r["variant"], documents=meta.get("documents", 0),
+            tflops_per_gpu=flops / (r["fwd_ms"] + r["bwd_ms"]) / 1e9, fwd_ms=r["fwd_ms"],
             bwd_ms=r["bwd_ms"], bwd_speedup_vs_current=None if b is None else b["bwd_ms"] / r["bwd_ms"],
             bitwise_same_grads=r["bitwise_same_grads"], **{k: meta[k] for k in ("code", "job") if k in meta},
         ))
