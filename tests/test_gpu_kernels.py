@@ -78,9 +78,10 @@ def _emulated_ring(q, k, v, dout, *, size, layout, mask, scale):
 
 
 def _check(seed, *, size, seqlen_local, heads, heads_kv, head_dim, dtype, layout, causal=False, window=None,
-           batch=1, documents=False):
+           batch=1, documents=False, cu=None):
     q, k, v, dout = random_problem(seed, batch, seqlen_local * size, heads, heads_kv, head_dim, dtype)
-    cu = random_cu_seqlens(np.random.default_rng(seed + 1), seqlen_local * size) if documents else None
+    if documents and cu is None:
+        cu = random_cu_seqlens(np.random.default_rng(seed + 1), seqlen_local * size)
     opts = {"causal": causal, "window": window, "cu_seqlens": cu}
     out_ref, lse_ref = mpiring.attention_reference(q, k, v, **opts)
     grads_ref = mpiring.attention_reference_backward(dout, q, k, v, **opts)
@@ -170,6 +171,18 @@ def test_kernels_documents_many_tiles(seed, causal, window, head_dim):
     tiles skipped between documents, and the deterministic dQ order across them."""
     _check(seed, size=2, seqlen_local=1030, heads=4, heads_kv=2, head_dim=head_dim, dtype=bfloat16,
            layout="zigzag", causal=causal, window=window, documents=True)
+
+
+@pytest.mark.parametrize("entries", [1024, 1025])
+def test_kernels_documents_past_the_shared_copy(seed, entries):
+    """The backward copies cu_seqlens to shared memory up to 1024 entries (CU_SMEM in
+    attention_bwd.cu) and reads it from global memory past that: both against the oracle,
+    with the deterministic dQ order across ~1000 short documents."""
+    total = 2 * 1030
+    rng = np.random.default_rng(seed)
+    cu = np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), entries - 2, replace=False)), [total]])
+    _check(seed, size=2, seqlen_local=1030, heads=4, heads_kv=2, head_dim=64, dtype=bfloat16, layout="zigzag",
+           causal=True, documents=True, cu=cu)
 
 
 @pytest.mark.parametrize("documents", [False, True])

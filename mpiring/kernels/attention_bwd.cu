@@ -19,15 +19,28 @@
 //
 // Deterministic dQ (dq_sem set): the key tiles that meet a query tile form a run
 // [j_lo, j_hi) (positions and documents increase with the row index), and they add into
-// it in increasing order: key tile j waits until the tile's counter reaches j − j_lo,
-// adds, and raises it. Blocks take their (batch·kv head, key tile) from a ticket
-// (dq_sem[0]) in launch order, so a block only ever waits for blocks already running:
-// no deadlock whatever order the hardware starts them in.
+// it in a fixed order: one sequence, increasing (key tile j waits until the tile's
+// counter reaches j − j_lo, adds, and raises it); packed documents, decreasing (key tile
+// j waits for j_hi − 1 − j). Blocks take their (batch·kv head, key tile) from a ticket
+// (dq_sem[0]), key tiles in the order they add, so a block only ever waits for blocks
+// already running: no deadlock whatever order the hardware starts them in.
 #include "common.cuh"
 
 // Heads per group of the deterministic tickets (below).
 #ifndef TICKET_GROUP
 #define TICKET_GROUP 4
+#endif
+// Decreasing deterministic dQ order (and query tiles swept ascending) with documents
+// (DQ_DESC_DOCS) and without (DQ_DESC_PLAIN); see `DESC` below.
+#ifndef DQ_DESC_DOCS
+#define DQ_DESC_DOCS 1
+#endif
+#ifndef DQ_DESC_PLAIN
+#define DQ_DESC_PLAIN 0
+#endif
+// Documents: cu_seqlens copied to shared memory where it has at most this many entries.
+#ifndef CU_SMEM
+#define CU_SMEM 1024
 #endif
 
 #ifndef HEAD_DIM
@@ -91,7 +104,26 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   int2* sCol = reinterpret_cast<int2*>(sD + 2 * BM);  // [BN] the query positions each key may meet
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Documents: the block's document searches (thread 0's dQ target per query tile among
+  // them) read cu_seqlens from shared memory where it fits. From global memory each search
+  // was a chain of dependent loads that missed L1 (the dQ waits' acquire loads invalidate
+  // it) and held up warp 0, and the block at its next barrier, per query tile.
+  __shared__ int sCu[CU_SMEM > 0 ? CU_SMEM : 1];
+  if (DOCS && mask.ncu <= CU_SMEM) {
+    for (int i = threadIdx.x; i < mask.ncu; i += NT) sCu[i] = mask.cu[i];
+    __syncthreads();
+    mask.cu = sCu;
+  }
   int bx = blockIdx.x, jt = blockIdx.z * gridDim.y + blockIdx.y;  // key tiles along y, then z
+  // The order of the deterministic dQ adds and of each block's query tiles. Increasing,
+  // query tiles descending: key tile j starts at the last query tile it shares with j − 1
+  // and waits about one tile behind it; the heaviest key tiles of a causal sequence (the
+  // first) start first. But the key tiles of a document start side by side and each waits
+  // behind the one before: a chain as long as the blocks in flight (8 documents of ~8k
+  // tokens on one H100: the backward 1.20× slower than without the waits, tenth session).
+  // Decreasing, query tiles ascending: key tile j first sweeps the BN/BM query tiles
+  // that j + 1 does not meet (it started earlier), so the chain does not wait.
+  constexpr bool DESC = DOCS ? DQ_DESC_DOCS : DQ_DESC_PLAIN;
   if (dq_sem != 0) {
     __shared__ int ticket;
     if (threadIdx.x == 0) ticket = atomicAdd(dq_sem, 1);
@@ -103,6 +135,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     // (eighth session: backward 1.31× / 1.20× at 32k tokens, 32 heads, non-causal / causal;
     // bitwise the same gradients).
     ticket_item(ticket, gridDim.x, gridDim.y * gridDim.z, TICKET_GROUP, bx, jt);
+    if (DESC) jt = gridDim.y * gridDim.z - 1 - jt;  // the slots past the last key tile come first, and return
   }
   const int nkt = (Sk + BN - 1) / BN;
   if (jt >= nkt) return;  // past the last key tile (the grid rounds up along z)
@@ -126,11 +159,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   };
   // Work items (g, t) (q head hk·G + g, query tile t; g = G: none left) with something allowed:
   // the query tiles whose positions may see this key tile (window, documents). Swept
-  // heads ascending, query tiles descending: under the deterministic dQ order key tile j
-  // then waits about one item behind key tile j − 1 (both start at the last query tile
-  // they share), not the ~BN/BM + 1 items that ascending order costs per key tile (each
-  // would start at its own diagonal, which the tiles before it reach last). Short
-  // documents, where the blocks of one document run side by side, showed it most.
+  // heads ascending, query tiles in the direction of the dQ order (DESC above): with the
+  // increasing order, descending, so that key tile j waits about one item behind key tile
+  // j − 1 (both start at the last query tile they share), not the ~BN/BM + 1 items that
+  // ascending order would cost per key tile (each would start at its own diagonal, which
+  // the tiles before it reach last).
   int wlo, whi;
   mask.queries_window(klo, khi, kspan, wlo, whi);
   const Sweep sweep = {qs, Sq, BM, wlo, whi};
@@ -138,17 +171,26 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   // Kept as a pair, not one index g·nqt + t: dividing that by nqt in the loop cost a
   // signed 32-bit division sequence (~25 instructions) several times per query tile.
   auto next_work = [&](int g, int t) {  // the first item with work at or after (g, t) in sweep order
-    for (; g < G; ++g, t = t_end - 1)
-      for (t = min(t, t_end - 1); t >= t_first; --t)
-        if (tile_class(t) != 0) return make_int2(g, t);
+    if (DESC) {
+      for (; g < G; ++g, t = t_first)
+        for (t = max(t, t_first); t < t_end; ++t)
+          if (tile_class(t) != 0) return make_int2(g, t);
+    } else {
+      for (; g < G; ++g, t = t_end - 1)
+        for (t = min(t, t_end - 1); t >= t_first; --t)
+          if (tile_class(t) != 0) return make_int2(g, t);
+    }
     return make_int2(G, 0);
   };
+  const int t_start = DESC ? t_first : t_end - 1, t_step = DESC ? 1 : -1;
   // Deterministic dQ: the counter value each query tile waits for, per stage (thread 0
   // computes it with the tile's prefetch, off the path to the wait).
   __shared__ int sTarget[2];
   auto prefetch = [&](int2 w, int st) {
     const int h = hk * G + w.x, i0 = w.y * BM;
-    if (dq_sem != 0 && threadIdx.x == 0) sTarget[st] = jt - mask.key_tiles_before(qs, i0, ks, Sk, BN);
+    if (dq_sem != 0 && threadIdx.x == 0)
+      sTarget[st] = DESC ? mask.key_tiles_through(qs, min(i0 + BM, Sq), ks, Sk, BN) - 1 - jt
+                         : jt - mask.key_tiles_before(qs, i0, ks, Sk, BN);
     const long long off = ((long long)b * Sq * H + h) * D;
     load_tile<WG, BM, D, NT>(sQ + st * BM * LD, q + off, q_stride, i0, Sq);
     load_tile<WG, BM, D, NT>(sdO + st * BM * LD, dout + off, q_stride, i0, Sq);
@@ -166,7 +208,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
     }
   };
 
-  int2 w = next_work(0, t_end - 1);
+  int2 w = next_work(0, t_start);
   if (w.x >= G) return;  // dK/dV of this block get nothing from this step
   // Each key's allowed query positions, one interval [lo, hi] (its window within its
   // document; empty for the ragged tile's padding; read after a barrier): a mixed tile's
@@ -225,7 +267,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   int stage = 0;
   int* added = 0;  // counter of the query tile whose dQ we added last, raised one phase later
   while (w.x < G) {
-    const int2 wn = next_work(w.x, w.y - 1);
+    const int2 wn = next_work(w.x, w.y + t_step);
     // Two block barriers per query tile (three until the sixth session: 1.07x in a same-process
     // A/B). This one: this tile's rows have landed, and every warp is done with the previous
     // tile, so the next tile's rows may now go to the other stage, and phase 1 may rewrite P, dS.

@@ -184,4 +184,22 @@ struct MaskInfo {
     }
     return lo;
   }
+  // Key rows starting at position klo lie after all that queries ending at position qhi
+  // (in a document ending before qb) may see: the suffix of the key tiles above.
+  MASK_FN bool keys_after(int qhi, int qb, int klo) const { return klo > qhi + right || (DOCS && klo >= qb); }
+  // j_hi of the deterministic dQ order: how many key tiles do not lie wholly after query
+  // row i1 − 1 (binary search on keys_after, a suffix). (An O(1) form from the segments,
+  // row_end's divisions, made the mma.sync document kernels spill: tenth session.)
+  MASK_FN int key_tiles_through(const Segs& qs, int i1, const Segs& ks, int nk, int tile) const {
+    const int qp1 = qs.pos(i1 - 1), qb = DOCS ? cu[doc_of(qp1) + 1] : 0;
+    int lo = 0, hi = (nk + tile - 1) / tile;
+    while (lo < hi) {
+      const int mid = (lo + hi) / 2;
+      if (keys_after(qp1, qb, ks.pos(mid * tile)))
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    return lo;
+  }
 };
