@@ -39,7 +39,7 @@ from mpiring.bench.common import (
     today,
     write_rows,
 )
-from mpiring.bench.longctx import _documents
+from mpiring.bench.longctx import _bfloat16, _documents
 
 
 def main() -> None:
@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--documents", default="1,8,64")
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
+    p.add_argument("--layout", default="contiguous", help="of the one rank (zigzag: two segments)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -74,14 +76,15 @@ def _run(args, events) -> None:
 
     rng = cupy.random.default_rng(0)
     shape = (1, args.tokens, args.heads, 128)
-    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(cupy.float16) for _ in range(4))
+    dtype = cupy.float16 if args.dtype == "float16" else _bfloat16()
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32).astype(dtype) for _ in range(4))
     comm = MPI.COMM_WORLD
     rows = []
     counts = [0] + [int(c) for c in args.documents.split(",") if c]
     for count in counts:
         cu = _documents(args.tokens, count) if count else None
         useful = 1.0 if cu is None else float((np.diff(cu).astype(float) ** 2).sum()) / args.tokens**2
-        options = dict(causal=True, layout="contiguous", cu_seqlens=cu)
+        options = dict(causal=True, layout=args.layout, cu_seqlens=cu)
         out, lse = mpiring.ring_attention(q, k, v, comm, **options)
 
         def fwd(options=options):
@@ -102,7 +105,7 @@ def _run(args, events) -> None:
         for _ in range(5):
             t = time.perf_counter()
             api._prepare("probe", comm, {"q": q, "k": k, "v": v}, causal=True, softmax_scale=None,
-                         layout="contiguous", window=None, cu_seqlens=cu, transport="auto")
+                         layout=args.layout, window=None, cu_seqlens=cu, transport="auto")
             ts.append(time.perf_counter() - t)
         row["prepare_ms"] = float(np.median(ts)) * 1e3
         rows.append(row)
@@ -129,7 +132,7 @@ def _run(args, events) -> None:
               f"{r['prepare_ms']:.2f} | {waste[0]:.2f} | {waste[1]:.2f} | {waste[2]:.2f} |")
     if args.out:
         meta = {"card": card_name(), "date": today(), "command": "python3 " + shlex.join(sys.argv),
-                "tokens": args.tokens, "heads": args.heads}
+                "tokens": args.tokens, "heads": args.heads, "dtype": args.dtype, "layout": args.layout}
         write_rows(args.out, result_rows(meta, rows))
 
 
@@ -147,9 +150,10 @@ def result_rows(meta: dict, probe_rows: list[dict]) -> list[dict]:
             flops = r["useful_fraction"] * attention_flops(1, meta["tokens"], meta["tokens"], meta["heads"], 128,
                                                            causal=True, mode=mode)
             out.append(make_row(
-                bench="varlen-probe", card=meta["card"], date=meta["date"], command=meta["command"], dtype="float16",
+                bench="varlen-probe", card=meta["card"], date=meta["date"], command=meta["command"],
+                dtype=meta.get("dtype", "float16"),
                 heads=meta["heads"], heads_kv=meta["heads"], head_dim=128, seqlen=meta["tokens"], n_gpus=1,
-                causal=True, layout="contiguous", transport=None, **{"pass": mode},
+                causal=True, layout=meta.get("layout", "contiguous"), transport=None, **{"pass": mode},
                 dq="atomic" if name.endswith("atomic") else "deterministic", documents=r["documents"],
                 useful_fraction=r["useful_fraction"], tflops_per_gpu=flops / r[f"{name}_wall_ms"] / 1e9,
                 kernel_tflops_per_gpu=flops / r[f"{name}_kernel_ms"] / 1e9, wall_ms=r.get(f"{name}_wall_ms"),
