@@ -8,8 +8,9 @@
 // (cu_seqlens with empty and length-1 documents). For every (query tile, key tile) it
 // compares MaskInfo::classify with the pairs that brute force allows, checks that the
 // Sweep of each side (keys_window / queries_window) holds every tile with work, and that
-// the deterministic dQ order (j − j_lo from keys_before) counts the key tiles with work
-// before each one exactly, and that every key tile it counts sweeps over that query tile.
+// the deterministic dQ order (j − j_lo from keys_before; j_hi − 1 − j from keys_after, the
+// decreasing order with documents) counts the key tiles with work before (after) each one
+// exactly, and that every key tile it counts sweeps over that query tile.
 // Also the backward's ticket order (ticket_item): every (row, key-tile slot) gets exactly
 // one ticket, and key tile j − 1 of a row an earlier one than key tile j.
 #include <cstdio>
@@ -126,6 +127,8 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
   for (int tq = 0; tq < nqt; ++tq) {
     const Sweep sweep = sweep_of(q, tq, BM, k, BN, true);
     const int lo = mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it
+    // j_hi of the decreasing order (documents): key tile j waits for j_hi − 1 − j adds
+    const int hi = mask.key_tiles_through(q.segs, std::min(tq * BM + BM, q.n), k.segs, k.n, BN);
     int with_work = 0;
     for (int tk = 0; tk < nkt; ++tk, ++pairs) {
       const int c = cls(tq, tk, false);
@@ -139,6 +142,9 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
         ++with_work;
       }
     }
+    // With the check above (the tiles with work are j_lo, j_lo + 1, …), this makes
+    // j_hi − 1 − j the count of tiles with work after j, for each of them.
+    if (hi - lo != with_work) fail("decreasing order: j_hi - j_lo is not the count", id, tq, hi);
   }
   for (int tk = 0; tk < nkt; ++tk) {
     const Sweep sweep = sweep_of(k, tk, BN, q, BM, false);

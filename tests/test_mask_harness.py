@@ -45,11 +45,14 @@ MUTATIONS = [
     # the backward's tickets: the last, partial group of rows dropped; key tiles in reverse
     ("const int gh = in_full ? group : rows - full,", "const int gh = group,", "ticket"),
     ("  slot = rem / gh;", "  slot = slots - 1 - rem / gh;", "ticket order"),
+    # the decreasing dQ order's j_hi (documents): a key tile that starts at the queries' last
+    # position counted as wholly after them
+    ("return klo > qhi + right ||", "return klo >= qhi + right ||", "decreasing order"),
 ]
 
 
 @pytest.mark.parametrize("old,new,message", MUTATIONS,
-                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order"])
+                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order", "j-hi"])
 def test_harness_catches_a_wrong_bound(tmp_path, seed, old, new, message):
     """The check can fail: each mutation of the tile logic is caught, with its own message."""
     cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
