@@ -124,6 +124,14 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
     return Sweep{other.segs, other.n, other_tile, wlo, whi};
   };
   long long pairs = 0;
+  // The backward steps j_lo down from the next query tile's (its descending sweep):
+  // key_tiles_before_from must land on the search's answer.
+  for (int tq = nqt - 2; tq >= 0; --tq) {
+    const int next = mask.key_tiles_before(q.segs, (tq + 1) * BM, k.segs, k.n, BN);
+    if (mask.key_tiles_before_from(q.segs, tq * BM, k.segs, k.n, BN, next) !=
+        mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN))
+      fail("deterministic order: j_lo stepped down from the next tile's is not j_lo", id, tq, next);
+  }
   for (int tq = 0; tq < nqt; ++tq) {
     const Sweep sweep = sweep_of(q, tq, BM, k, BN, true);
     const int lo = mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it

@@ -48,11 +48,13 @@ MUTATIONS = [
     # the decreasing dQ order's j_hi (documents): a key tile that starts at the queries' last
     # position counted as wholly after them
     ("return klo > qhi + right ||", "return klo >= qhi + right ||", "decreasing order"),
+    # j_lo stepped down from the next query tile's: one step short
+    ("while (j > 0 && !keys_before(", "while (j > 1 && !keys_before(", "stepped down"),
 ]
 
 
 @pytest.mark.parametrize("old,new,message", MUTATIONS,
-                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order", "j-hi"])
+                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order", "j-hi", "j-lo-step"])
 def test_harness_catches_a_wrong_bound(tmp_path, seed, old, new, message):
     """The check can fail: each mutation of the tile logic is caught, with its own message."""
     cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")

@@ -184,6 +184,13 @@ struct MaskInfo {
     }
     return lo;
   }
+  // key_tiles_before stepped down from j, the answer for a later query tile (j_lo does not
+  // increase as i0 decreases): the backward's descending sweep moves by 0 or 1 per tile.
+  MASK_FN int key_tiles_before_from(const Segs& qs, int i0, const Segs& ks, int nk, int tile, int j) const {
+    const int qp0 = qs.pos(i0), qa = DOCS ? cu[doc_of(qp0)] : 0;
+    while (j > 0 && !keys_before(qp0, qa, ks.pos(min(j * tile, nk) - 1))) --j;
+    return j;
+  }
   // Key rows starting at position klo lie after all that queries ending at position qhi
   // (in a document ending before qb) may see: the suffix of the key tiles above.
   MASK_FN bool keys_after(int qhi, int qb, int klo) const { return klo > qhi + right || (DOCS && klo >= qb); }
