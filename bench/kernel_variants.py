@@ -65,6 +65,8 @@ _BWD_KEYS_FASTEST_ATOMIC = _BWD_GRID + """  if (dq_sem == 0) {
 _BWD_TICKET = "#define TICKET_GROUP 4\n"
 _RAISE_LATER = "    added = sem;  // the next key tile's turn (raised after the next tile's phase 1)\n"
 _DQ_WAIT = "      if (lane == 0 && seen < target) wait_at_least(sem, target);\n"
+_PEEK_LANE0 = "      if (sem != 0 && lane == 0) seen = ld_relaxed(sem);\n"
+_WAIT_SLOW = "__device__ __noinline__ void wait_slow(const int* p, int target) {\n"
 _RAISE_NOW = "    __syncthreads();\n    if (sem != 0 && threadIdx.x == 0) release_add(sem);\n"
 
 
@@ -132,6 +134,17 @@ VARIANTS = {
     # diagnostic, not deterministic: the deterministic path (tickets, counters, fences) without
     # its waits, i.e. what the waiting itself costs
     "bwd-det-nowait": [("attention_bwd.cu", _DQ_WAIT, "")],
+    # (tenth session, calls 11-12: the dQ target computed after thread 0's copies, or by warp 1:
+    # 0.96-1.05x, not consistent; the target is now stepped from the last query tile's for one
+    # sequence, c2f83f4: 1.02-1.07x, bitwise the same)
+    # deterministic dQ: the wait's slow path (spin with nanosleep, trap past WAIT_LIMIT_NS)
+    # inlined, not a call in the query-tile loop; and with the target on warp 1
+    "bwd-wait-inline": [("common.cuh", _WAIT_SLOW, _WAIT_SLOW.replace("__noinline__", "__forceinline__"))],
+    # deterministic dQ: the whole warp peeks at the counter and waits (one load for the warp,
+    # a warp-uniform branch), not lane 0 then __syncwarp
+    "bwd-wait-warp": [("attention_bwd.cu", _PEEK_LANE0, _PEEK_LANE0.replace(" && lane == 0", "")),
+                      ("attention_bwd.cu", _DQ_WAIT + "      __syncwarp();\n",
+                       _DQ_WAIT.replace("lane == 0 && ", ""))],
     # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
     "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
     # (sixth session) The relaxed early counter read and the two barriers per query tile,
