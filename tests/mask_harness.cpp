@@ -132,6 +132,14 @@ long long run_case(int id, const Side& q, const Side& k, int left, int right, in
         mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN))
       fail("deterministic order: j_lo stepped down from the next tile's is not j_lo", id, tq, next);
   }
+  // With documents the backward steps j_hi up from the previous query tile's (ascending sweep).
+  for (int tq = 1; tq < nqt; ++tq) {
+    const int prev = mask.key_tiles_through(q.segs, std::min(tq * BM, q.n), k.segs, k.n, BN);
+    const int i1 = std::min(tq * BM + BM, q.n);
+    if (mask.key_tiles_through_from(q.segs, i1, k.segs, k.n, BN, prev) !=
+        mask.key_tiles_through(q.segs, i1, k.segs, k.n, BN))
+      fail("decreasing order: j_hi stepped up from the previous tile's is not j_hi", id, tq, prev);
+  }
   for (int tq = 0; tq < nqt; ++tq) {
     const Sweep sweep = sweep_of(q, tq, BM, k, BN, true);
     const int lo = mask.key_tiles_before(q.segs, tq * BM, k.segs, k.n, BN);  // j_lo, as the backward kernel takes it

@@ -50,11 +50,14 @@ MUTATIONS = [
     ("return klo > qhi + right ||", "return klo >= qhi + right ||", "decreasing order"),
     # j_lo stepped down from the next query tile's: one step short
     ("while (j > 0 && !keys_before(", "while (j > 1 && !keys_before(", "stepped down"),
+    # j_hi stepped up from the previous query tile's: one step short
+    ("while (j < nt && !keys_after(", "while (j + 1 < nt && !keys_after(", "stepped up"),
 ]
 
 
 @pytest.mark.parametrize("old,new,message", MUTATIONS,
-                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order", "j-hi", "j-lo-step"])
+                         ids=["row-bound", "empty-sweep", "ticket-last-group", "ticket-order", "j-hi", "j-lo-step",
+                              "j-hi-step"])
 def test_harness_catches_a_wrong_bound(tmp_path, seed, old, new, message):
     """The check can fail: each mutation of the tile logic is caught, with its own message."""
     cxx = shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")

@@ -186,17 +186,23 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   // Deterministic dQ: the counter value each query tile waits for, per stage (thread 0
   // computes it with the tile's prefetch, off the path to the wait).
   __shared__ int sTarget[2];
-  // One sequence (the increasing order): thread 0's j_lo of the last query tile, from which
-  // the next tile of the descending sweep steps down (by 0 or 1 tiles), not a binary search
-  // on warp 0's path per query tile; a sweep that starts over (the next head) searches
-  // again. Documents (decreasing order) search each time (the stepped form spilled in the
-  // mma.sync d128 document kernels; their cu_seqlens is in shared memory).
-  int last_t = -1, last_j = 0;
+  // Thread 0's j_lo (increasing order) or j_hi (decreasing) of the last query tile, from
+  // which the next tile of the sweep steps (by 0 or 1 tiles), not a binary search on warp
+  // 0's path per query tile; a sweep that starts over (the next head) searches again. The
+  // mma.sync documents kernels search each time (the stepped j_hi spilled there at d128;
+  // their cu_seqlens is in shared memory).
+  int last_t = DESC ? 0x7fffffff : -1, last_j = 0;
   auto prefetch = [&](int2 w, int st) {
     const int h = hk * G + w.x, i0 = w.y * BM;
     if (dq_sem != 0 && threadIdx.x == 0) {
-      if constexpr (DESC) {
+      if constexpr (DESC && !WG) {
         sTarget[st] = mask.key_tiles_through(qs, min(i0 + BM, Sq), ks, Sk, BN) - 1 - jt;
+      } else if constexpr (DESC) {
+        const int i1 = min(i0 + BM, Sq);
+        last_j = w.y < last_t ? mask.key_tiles_through(qs, i1, ks, Sk, BN)
+                              : mask.key_tiles_through_from(qs, i1, ks, Sk, BN, last_j);
+        last_t = w.y;
+        sTarget[st] = last_j - 1 - jt;
       } else {
         last_j = w.y > last_t ? mask.key_tiles_before(qs, i0, ks, Sk, BN)
                               : mask.key_tiles_before_from(qs, i0, ks, Sk, BN, last_j);

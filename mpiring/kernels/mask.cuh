@@ -209,4 +209,11 @@ struct MaskInfo {
     }
     return lo;
   }
+  // key_tiles_through stepped up from j, the answer for an earlier query tile (j_hi does not
+  // decrease as i1 increases): the ascending sweep with documents.
+  MASK_FN int key_tiles_through_from(const Segs& qs, int i1, const Segs& ks, int nk, int tile, int j) const {
+    const int qp1 = qs.pos(i1 - 1), qb = DOCS ? cu[doc_of(qp1) + 1] : 0, nt = (nk + tile - 1) / tile;
+    while (j < nt && !keys_after(qp1, qb, ks.pos(j * tile))) ++j;
+    return j;
+  }
 };
