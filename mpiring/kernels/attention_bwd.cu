@@ -119,8 +119,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   // query tiles descending: key tile j starts at the last query tile it shares with j − 1
   // and waits about one tile behind it; the heaviest key tiles of a causal sequence (the
   // first) start first. But the key tiles of a document start side by side and each waits
-  // behind the one before: a chain as long as the blocks in flight (8 documents of ~8k
-  // tokens on one H100: the backward 1.20× slower than without the waits, tenth session).
+  // behind the one before: a chain as long as the blocks in flight (one H100, 65k tokens:
+  // the waits took 6 % of block time at 8 documents, 15 % at 64; bench/dq_wait_probe.py).
   // Decreasing, query tiles ascending: key tile j first sweeps the BN/BM query tiles
   // that j + 1 does not meet (it started earlier), so the chain does not wait.
   constexpr bool DESC = DOCS ? DQ_DESC_DOCS : DQ_DESC_PLAIN;
