@@ -416,11 +416,11 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
     used = [0]  # buffers created so far
     steps = []
 
-    def take() -> tuple[int, bool]:  # (buffer, True): its contents are to be cleared before use
+    def take() -> int:  # a free buffer, else a new one (uninitialised either way)
         if free:
-            return free.pop(), True
+            return free.pop()
         used[0] += 1
-        return used[0] - 1, True
+        return used[0] - 1
 
     def acc(b: int, s: int) -> Rows | None:  # rows of block b's partial after rank b+s added to it
         if needs is None:
@@ -435,7 +435,7 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
         compute, zero, add, send = None, False, None, None
         on_path = s == 0 or reach[b] >= s
         if on_path and (s == 0 or schedules[rank][s] or arriving is None):
-            compute, zero = take()  # (a rank on the path without work forwards what came)
+            compute, zero = take(), True  # (a rank on the path without work forwards what came)
         if in_flight is not None:
             free.append(in_flight)  # the exchange is waited before the add
             in_flight = None
@@ -455,11 +455,11 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
         recv, recv_rows = [], []
         ahead = (rank - 1 - s) % size  # the block rank−1 holds at step s
         if s < size - 1 and reach[ahead] > s and not (s == 0 and keeps[ahead]):
-            arriving, _ = take()
+            arriving = take()
             recv.append((arriving, (rank - 1) % size))
             recv_rows.append(acc(ahead, s))
         if s >= 1 and reach[rank] == s:
-            back, _ = take()
+            back = take()
             recv.append((back, (rank + s) % size))
             recv_rows.append(home_rows := acc(rank, s))
             if keeps[rank]:
