@@ -284,6 +284,12 @@ def _rows(buf, rows, axis: int):
     return buf if rows is None else buf[(slice(None),) * axis + (slice(*rows),)]
 
 
+def _add_rows(dst, src, rows, axis: int) -> None:
+    """dst += src over rows [lo, hi) of two travelling buffers (all: None), in place."""
+    part = _rows(dst, rows, axis)
+    part += _rows(src, rows, axis)
+
+
 def _message(buf, rows, axis: int):
     """What goes on the wire for rows [lo, hi) of a travelling buffer (K and V, or dK and
     dV: an array or a pair): one message in contiguous parts, K's then V's, each whole or
@@ -591,8 +597,7 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
             tr.wait(ex_dkv, timeout=call.timeout)
             ex_dkv = None
         if step.add is not None:  # the partial sum that came with the block, from rank−1
-            partial = _rows(dkv[step.compute], step.add_rows, axis)
-            partial += _rows(dkv[step.add], step.add_rows, axis)
+            _add_rows(dkv[step.compute], dkv[step.add], step.add_rows, axis)
         if size > 1:
             fence = be.record()
         if step.send is not None or step.recv:
@@ -610,8 +615,7 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
     home = dkv[plan.home]
     if plan.final_add is not None:  # the other ranks' sum, added to our own contribution
-        mine = _rows(home, plan.home_rows, axis)
-        mine += _rows(dkv[plan.final_add], plan.home_rows, axis)
+        _add_rows(home, dkv[plan.final_add], plan.home_rows, axis)
     elif plan.home_rows is not None:  # the finished sum came home in part: clear the rest
         lo, hi = plan.home_rows
         _rows(home, (0, lo), axis).fill(0)
