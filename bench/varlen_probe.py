@@ -7,7 +7,12 @@ of ``CudaKernelBackend``), the host validation/planning (``api._prepare``) alone
 prints the top host functions (cProfile, by own time) of one fwd+bwd call with the most
 documents.
 
-    python3 bench/varlen_probe.py [--tokens 65536] [--documents 1,8,64] [--out FILE]
+    python3 bench/varlen_probe.py [--tokens 65536] [--documents 1,8,64] [--out FILE] [--trace]
+
+``--trace`` (needs torch, for its CUDA profiler): every GPU kernel of ``--trace-calls``
+forward+backward calls back to back, per kernel name, device ms per call, beside the
+back-to-back time per call: what the calls spend besides attention (zero fills, casts,
+delta), which fixed length and documents pay alike over the same tokens.
 
 Wall time well above kernel time: the call is host-bound or spends it outside the
 kernels. Kernel time over (useful fraction × fixed-length kernel time) well above 1: the
@@ -50,6 +55,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--layout", default="contiguous", help="of the one rank (zigzag: two segments)")
     p.add_argument("--out", default="")
+    p.add_argument("--trace", action="store_true", help="per-kernel device time of fwd+bwd calls (torch.profiler)")
+    p.add_argument("--trace-calls", type=int, default=5)
     args = p.parse_args()
 
     with kernel_launch_events() as events:
@@ -108,6 +115,16 @@ def _run(args, events) -> None:
                          layout=args.layout, window=None, cu_seqlens=cu, transport="auto")
             ts.append(time.perf_counter() - t)
         row["prepare_ms"] = float(np.median(ts)) * 1e3
+        if args.trace:
+            row["trace"] = trace(fwd_bwd, args.trace_calls, sync=cupy.cuda.get_current_stream().synchronize)
+            print(f"--- {count or 'fixed length'}: fwd+bwd calls back to back, device ms per call by kernel")
+            print(f"back to back {row['trace']['back_to_back_ms']:.3f} ms per call, kernels "
+                  f"{sum(row['trace']['kernels_ms'].values()):.3f} ms")
+            for name, ms in sorted(row["trace"]["kernels_ms"].items(), key=lambda x: -x[1]):
+                print(f"  {ms:8.3f}  {name[:110]}")
+            print(f"device idle between activities {row['trace']['idle_ms']:.3f} ms per call; largest gaps:")
+            for g in row["trace"]["largest_gaps"]:
+                print(f"  {g['ms']:8.3f}  after {g['after']}, before {g['before']}")
         rows.append(row)
         if count == counts[-1] and count:
             prof = cProfile.Profile()
@@ -136,6 +153,42 @@ def _run(args, events) -> None:
         write_rows(args.out, result_rows(meta, rows))
 
 
+def trace(fn, calls: int, *, sync) -> dict:
+    """Device ms per call of every GPU kernel that ``calls`` back-to-back calls of ``fn`` ran
+    (torch.profiler's CUDA activity: CuPy's kernels and copies included), by name, and the
+    back-to-back wall time per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        wall = time.perf_counter() - t
+    kernels = {}
+    for e in prof.key_averages():
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0:
+            kernels[e.key] = us / 1e3 / calls
+    # The device's idle time between one activity's end and the next start (µs stamps),
+    # and the largest such gaps with the activities around them.
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if str(getattr(e, "device_type", "")).endswith("CUDA"))
+    gaps, end, before = [], None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            gaps.append((start - end, before, name))
+        if end is None or stop > end:
+            end, before = stop, name
+    gaps.sort(reverse=True)
+    return {"calls": calls, "back_to_back_ms": wall * 1e3 / calls, "kernels_ms": kernels,
+            "idle_ms": sum(g for g, _, _ in gaps) / 1e3 / calls,
+            "largest_gaps": [{"ms": g / 1e3, "after": a[:80], "before": b[:80]} for g, a, b in gaps[:6]]}
+
+
 def result_rows(meta: dict, probe_rows: list[dict]) -> list[dict]:
     """The bench/results rows of one probe: per document count and pass (fwd, fwd+bwd,
     fwd+bwd with atomic dQ), useful TF/s over wall time and over kernel time, the times,
@@ -159,6 +212,7 @@ def result_rows(meta: dict, probe_rows: list[dict]) -> list[dict]:
                 kernel_tflops_per_gpu=flops / r[f"{name}_kernel_ms"] / 1e9, wall_ms=r.get(f"{name}_wall_ms"),
                 kernel_ms=r[f"{name}_kernel_ms"], prepare_ms=r["prepare_ms"],
                 kernel_waste=r[f"{name}_kernel_ms"] / (r["useful_fraction"] * fixed[f"{name}_kernel_ms"]),
+                **({"trace": r["trace"]} if name == "fwd+bwd" and "trace" in r else {}),
                 **{k: meta[k] for k in ("code", "job") if k in meta},
             ))
     return out
