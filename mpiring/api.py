@@ -589,10 +589,11 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
     for s, step in enumerate(plan.steps):
         cur, nxt = kv[s], kv[s + 1]
         ex_kv = _post_kv(call, s, cur, nxt, fence)
-        if step.zero:  # the rows the partial will hold; the others are never read
+        if step.zero and not call.active[s]:  # the rows the partial will hold; the others are never read
             _rows(dkv[step.compute], step.rows, axis).fill(0)
-        if call.active[s]:
-            be.bwd_step(state, cur, dkv[step.compute], call.q_segs, call.k_segs[(rank - s) % size], call.mask)
+        if call.active[s]:  # into a fresh partial: written, not added (no zero fill before it)
+            be.bwd_step(state, cur, dkv[step.compute], call.q_segs, call.k_segs[(rank - s) % size], call.mask,
+                        fresh=step.zero)
         if ex_dkv is not None:
             tr.wait(ex_dkv, timeout=call.timeout)
             ex_dkv = None

@@ -198,6 +198,62 @@ def test_grid_split_along_z(seed, monkeypatch, documents):
            causal=False, window=(100, 30), documents=documents)
 
 
+@pytest.mark.parametrize("documents", [False, True])
+def test_fresh_dkv_partial_is_written_whole(seed, documents):
+    """bwd_step(fresh=True) writes its dK/dV partial whole over NaN, bitwise what adding into
+    zeros gives; the keys that no query meets (zigzag, causal: rank 0's second chunk against
+    rank 1's queries; with documents more) are written zero by blocks that have no work."""
+    size, seqlen_local, heads, heads_kv, head_dim = 2, 1030, 4, 2, 128
+    q, k, v, dout = (cupy.asarray(x) for x in random_problem(seed, 1, seqlen_local, heads, heads_kv, head_dim,
+                                                             bfloat16))
+    cu = random_cu_seqlens(np.random.default_rng(seed), seqlen_local * size) if documents else None
+    mask = L.make_mask(True, None, cu)
+    q_segs, k_segs = L.segments("zigzag", 1, size, seqlen_local), L.segments("zigzag", 0, size, seqlen_local)
+    be = CudaKernelBackend(steps=1)
+    kv = be.pack_kv(k, v)
+    st = be.fwd_begin(q, heads_kv, 0.1)
+    be.fwd_step(st, kv, q_segs, k_segs, mask)
+    out, lse = be.fwd_end(st)
+    parts = []
+    for fresh in (False, True):
+        bst = be.bwd_begin(dout, q, out, lse, heads_kv, 0.1)
+        dkv = cupy.full((2, *kv[0].shape), np.nan, np.float32) if fresh else be.zeros_dkv(kv)
+        be.bwd_step(bst, kv, dkv, q_segs, k_segs, mask, fresh=fresh)
+        parts.append(dkv.get())
+    added, written = parts
+    assert np.abs(added).max() > 0
+    assert (written[:, :, 640:] == 0).all(), "keys that no query meets"
+    assert np.array_equal(added.view(np.uint32), written.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mul", [1, -1, 0])
+def test_cast_out_rounds_like_astype(seed, dtype, mul):
+    """The backward's fp32 → input dtype kernel (dQ with its sign, dK/dV): NumPy's / ml_dtypes'
+    conversion bitwise (round to nearest even; inf, NaN, overflow; fp32 subnormals may flush
+    to zero), every element written over a poisoned pool; sizes not a multiple of 4 fall
+    back to CuPy's astype."""
+    rng = np.random.default_rng(seed)
+    shape = (3, 1000, 2, 64)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.uniform(-30, 30, shape)).astype(np.float32)
+    x.flat[:7] = [np.inf, -np.inf, np.nan, 1e-40, 65520.0, 3.4e38, -0.0]
+    be = CudaKernelBackend()
+    for shape in (x.shape, (7, 3)):
+        xs = cupy.asarray(x.ravel()[:int(np.prod(shape))].reshape(shape))
+        with np.errstate(invalid="ignore", over="ignore"):  # 0 · inf; beyond float16
+            want = (xs.get() * np.float32(mul)).astype(dtype)
+        got = be._cast_out(xs, dtype, mul).get()
+        assert got.dtype == np.dtype(dtype) and got.shape == shape
+        nan = np.isnan(want.astype(np.float32))
+        assert np.array_equal(np.isnan(got.astype(np.float32)), nan)
+        # fp32 subnormals (below 1.2e-38, bf16 subnormals too) may come out zero: the GPU's
+        # conversion flushes them; every other value bitwise.
+        tiny = np.abs(want.astype(np.float32)) < np.finfo(np.float32).tiny
+        assert np.array_equal(got[~nan & ~tiny].view(np.uint16), want[~nan & ~tiny].view(np.uint16)), "values differ"
+        flushed = got[tiny].astype(np.float32)
+        assert ((flushed == 0) | (flushed == want[tiny].astype(np.float32))).all()
+
+
 def _backward_bits(seed, *, layout, causal, window=None, documents=False, deterministic=True, runs=2):
     """dq, dk, dv of ``runs`` identical backward calls (as uint16 bits), one K/V block of 2 virtual ranks."""
     size, seqlen_local, heads, heads_kv, head_dim = 2, 2050, 8, 2, 128

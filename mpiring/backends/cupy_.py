@@ -436,11 +436,15 @@ class CudaKernelBackend:
             dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale, dq_sign=sign,
         )
 
-    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask) -> None:
-        """Add this block's dQ into the local accumulator and its dK/dV into ``dkv``."""
+    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask, fresh: bool = False) -> None:
+        """Add this block's dQ into the local accumulator and its dK/dV into ``dkv``;
+        ``fresh``: ``dkv`` holds nothing yet (not read; every element written, so the caller
+        need not zero it)."""
         b, sq, h, d = st.q.shape
         sk = kv[0].shape[1]
         if b * h * sq * sk == 0:
+            if fresh:
+                dkv.fill(0)
             return
         wg = _use_wgmma(st.q.device.id, "attention_bwd.cu", d, self.tiles)
         nw, bm, bn = WGMMA_BWD_TILES if wg else self._tiles(d)["bwd"]
@@ -459,13 +463,28 @@ class CudaKernelBackend:
         args = (
             (st.q, kv[0], kv[1], st.dout, st.lse2, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
-            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu)
+            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu) + _i32(fresh)
         )
         self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, cu), d, smem,
                      _grid(b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
         """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""
-        dtype = st.q.dtype
-        dq = st.dq if st.dq_sign == 1 else st.dq * st.dq_sign
-        return dq.astype(dtype), dkv[0].astype(kv_dtype), dkv[1].astype(kv_dtype)
+        dq = self._cast_out(st.dq, st.q.dtype, st.dq_sign)
+        dk_dv = self._cast_out(dkv, kv_dtype)  # one launch for both halves
+        return dq, dk_dv[0], dk_dv[1]
+
+    def _cast_out(self, x, dtype, mul=1):
+        """``x`` (float32, contiguous) · ``mul`` in ``dtype`` (float16/bfloat16), by the
+        backward file's cast kernel (CuPy's astype to bfloat16 is several times slower)."""
+        xp = self.xp
+        dtype = np.dtype(dtype)
+        if dtype not in KERNEL_DTYPES or x.size % 4 or not x.flags.c_contiguous:
+            return (x * mul if mul != 1 else x).astype(dtype)
+        out = xp.empty(x.shape, dtype)
+        n4 = x.size // 4
+        if n4:
+            threads = 256
+            self._launch("attention_bwd.cu", f"cast_out_{KERNEL_DTYPES[dtype]}", x.shape[-1], 0,
+                         (min(-(-n4 // threads), 8192),), (threads,), (x, out, np.int64(n4), np.float32(mul)), x)
+        return out

@@ -278,9 +278,12 @@ class BlockwiseBackend:
             out_dtype=q.dtype, shape=q.shape,
         )
 
-    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask) -> None:
-        """Add this block's dQ to the local accumulator and its dK/dV into ``dkv``."""
+    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask, fresh: bool = False) -> None:
+        """Add this block's dQ to the local accumulator and its dK/dV into ``dkv``;
+        ``fresh``: ``dkv`` holds nothing yet (zeroed here, so the caller need not)."""
         xp = self.xp
+        if fresh:
+            dkv[...] = 0
         cdt = st.q.dtype
         k, v = kv[0].astype(cdt, copy=False), kv[1].astype(cdt, copy=False)
         dk, dv = dkv[0], dkv[1]

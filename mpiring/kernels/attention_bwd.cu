@@ -8,7 +8,9 @@
 //   dq_acc        (B, Sq, H, D) fp32   += scale·dS·K   (atomic adds: many K tiles add to one Q row)
 //   (the kernel keeps dS as scale·dS, so dQ and dK need no multiply of their own)
 //   dq_sem        null, or int32 [1 + B·H·ceil(Sq/BM)], zero: deterministic dQ (below)
-//   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials)
+//   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials);
+//                                      `fresh`: = instead of += (dkv holds nothing yet: every row of
+//                                      it is written, zero where no query meets the key)
 //
 // One block owns BN keys of one (batch, kv head) and sweeps every query tile of BM
 // rows of every q head of its GQA group, so dK/dV (summed over the group) stay in
@@ -76,7 +78,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
                                               const float* __restrict__ delta, float* __restrict__ dq_acc,
                                               float* __restrict__ dkv, int* __restrict__ dq_sem, int B, int H, int Hkv, int Sq,
                                               int Sk, float scale_log2, float scale, Segs qs, Segs ks,
-                                              MaskInfo<DOCS> mask) {
+                                              MaskInfo<DOCS> mask, int fresh) {
   constexpr bool WG = BWD_WGMMA;
   static_assert(!WG || (NW == 8 && BM == 64 && BN == 128 && D == 128), "BWD_WGMMA: d128, 8 warps, 64 × 128 tiles");
   // mma.sync reads rows padded to D + 8 (ldmatrix without bank conflicts); wgmma reads
@@ -228,7 +230,17 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   };
 
   int2 w = next_work(0, t_start);
-  if (w.x >= G) return;  // dK/dV of this block get nothing from this step
+  if (w.x >= G) {  // dK/dV of this block get nothing from this step (zero, into a fresh partial)
+    if (fresh)
+      for (int e = threadIdx.x; e < BN * (D / 4); e += NT) {
+        const int j = j0 + e / (D / 4);
+        if (j >= Sk) break;
+        float* rk = dkv + ((long long)b * Sk + j) * k_stride + hk * D + (e % (D / 4)) * 4;
+        *reinterpret_cast<float4*>(rk) = make_float4(0.f, 0.f, 0.f, 0.f);
+        *reinterpret_cast<float4*>(rk + (long long)B * Sk * k_stride) = make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    return;
+  }
   // Each key's allowed query positions, one interval [lo, hi] (its window within its
   // document; empty for the ragged tile's padding; read after a barrier): a mixed tile's
   // element mask is then lo ≤ qpos ≤ hi.
@@ -566,7 +578,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   cp_async_wait<0>();
   if (added != 0 && threadIdx.x == 0) release_add(added);
 
-  // dK/dV partials of this block's keys: one read-add-write each (the block owns them).
+  // dK/dV partials of this block's keys: one read-add-write each (the block owns them), a
+  // write where the partial is fresh.
 #pragma unroll
   for (int mi = 0; mi < MI2; ++mi)
 #pragma unroll
@@ -577,7 +590,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
       float* rv = rk + (long long)B * Sk * k_stride;
 #pragma unroll
       for (int n = 0; n < NB2; ++n) {
-        float2 x = *reinterpret_cast<float2*>(rk + n * 8), y = *reinterpret_cast<float2*>(rv + n * 8);
+        float2 x = make_float2(0.f, 0.f), y = x;
+        if (!fresh) {
+          x = *reinterpret_cast<float2*>(rk + n * 8);
+          y = *reinterpret_cast<float2*>(rv + n * 8);
+        }
         x.x += dk[mi][n][2 * hr];
         x.y += dk[mi][n][2 * hr + 1];
         y.x += dv[mi][n][2 * hr];
@@ -592,10 +609,10 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
       const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2, const float* delta,          \
       float* dq_acc, float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2,          \
-      float scale, MASK_PARAMS) {                                                                               \
+      float scale, MASK_PARAMS, int fresh) {                                                                    \
     MASK_UNPACK(DOCS);                                                                                          \
     attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, k, v, dout, lse2, delta, dq_acc, dkv, dq_sem, B, H, \
-                                                             Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask);     \
+                                                             Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask, fresh); \
   }
 
 // `_doc`: packed documents (cu_seqlens read); the others ignore them.
@@ -632,4 +649,24 @@ extern "C" __global__ void bwd_delta_bf16(const u16* dout, const u16* out, float
 }
 extern "C" __global__ void bwd_delta_f16(const u16* dout, const u16* out, float* delta, int B, int H, int Sq) {
   bwd_delta_body<f16_t, HEAD_DIM>(dout, out, delta, B, H, Sq);
+}
+
+// The backward's outputs in the input dtype: x·mul (dQ with its sign, the dK/dV sums),
+// fp32 → T rounded to nearest even, four elements per thread and step (grid-stride). CuPy's
+// astype to bfloat16 took 0.95 ms per call for dQ, dK and dV at 65k tokens, 8 heads, d128
+// (H200; bench/varlen_probe.py --trace), several times these bytes' time.
+template <typename T>
+__device__ __forceinline__ void cast_out_body(const float4* __restrict__ src, uint2* __restrict__ dst, long long n4,
+                                              float mul) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4; i += (long long)gridDim.x * blockDim.x) {
+    const float4 x = src[i];
+    dst[i] = make_uint2(Ops<T>::pack(x.x * mul, x.y * mul), Ops<T>::pack(x.z * mul, x.w * mul));
+  }
+}
+
+extern "C" __global__ void cast_out_bf16(const float4* src, uint2* dst, long long n4, float mul) {
+  cast_out_body<bf16_t>(src, dst, n4, mul);
+}
+extern "C" __global__ void cast_out_f16(const float4* src, uint2* dst, long long n4, float mul) {
+  cast_out_body<f16_t>(src, dst, n4, mul);
 }
