@@ -585,6 +585,11 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
     state, kv, dkv = _agree_allocated(call.comm, "ring_attention_backward", allocate,
                                       lambda: _estimate(call, q, k, True))
     axis = be.seq_axis
+    # A block's finished dK/dV goes home in the output dtype where that is narrower than
+    # the partials (bf16/fp16: half the bytes of the one hop after the last compute). The
+    # owner would only cast it: the gradients are bitwise the same.
+    narrow = np.dtype(k.dtype).itemsize < dkv[0].dtype.itemsize
+    home = dkv[plan.home]
     fence, ex_dkv = None, None
     for s, step in enumerate(plan.steps):
         cur, nxt = kv[s], kv[s + 1]
@@ -604,17 +609,27 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
         if step.send is not None or step.recv:
             # Send the partial on (or home); receive the next block's partial (or our own
             # block's finished dK/dV) into buffers whose last send has completed.
-            send = [] if step.send is None else [step.send]
+            sent = [] if step.send is None else [dkv[step.send[0]]]
+            if sent and narrow and step.finished:
+                # into the memory of a buffer free for this exchange, else a new array
+                # (referenced by ``sent`` until the exchange is waited, at the next step)
+                sent = [be.narrow_dkv(sent[0], None if step.narrow is None else dkv[step.narrow], k.dtype,
+                                      step.rows)]
+                fence = be.record()
             recv_rows = step.recv_rows or (None,) * len(step.recv)
-            ex_dkv = tr.post([_message(dkv[i], step.rows, axis) for i, _ in send],
-                             [_message(dkv[i], r, axis) for (i, _), r in zip(step.recv, recv_rows)], tag=_TAG_DKV,
-                             send_ready=fence, recv_free=fence, send_to=[r for _, r in send],
+            received = [dkv[i] for i, _ in step.recv]
+            if narrow and plan.home_step == s:  # the finished dK/dV lands in the output
+                for j, (i, _) in enumerate(step.recv):
+                    if i == plan.home:
+                        home = received[j] = be.dkv_out(dkv[i], k.dtype)
+            ex_dkv = tr.post([_message(buf, step.rows, axis) for buf in sent],
+                             [_message(buf, r, axis) for buf, r in zip(received, recv_rows)], tag=_TAG_DKV,
+                             send_ready=fence, recv_free=fence, send_to=[] if step.send is None else [step.send[1]],
                              recv_from=[r for _, r in step.recv])
         if ex_kv is not None:
             tr.wait(ex_kv, timeout=call.timeout)
     if ex_dkv is not None:
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
-    home = dkv[plan.home]
     if plan.final_add is not None:  # the other ranks' sum, added to our own contribution
         _add_rows(home, dkv[plan.final_add], plan.home_rows, axis)
     elif plan.home_rows is not None:  # the finished sum came home in part: clear the rest

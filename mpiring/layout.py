@@ -368,6 +368,12 @@ class DkvStep:
     rows: Rows | None = None
     add_rows: Rows | None = None
     recv_rows: tuple = ()
+    # ``send`` brings its block's finished dK/dV home (the owner keeps no part of its own):
+    # it may go in the output dtype (half the bytes of float32 partials; the owner would
+    # only cast it), narrowed into the memory of buffer ``narrow``, free for this exchange
+    # (None: none is, a new array then).
+    finished: bool = False
+    narrow: int | None = None
 
 
 @dataclass(frozen=True)
@@ -381,6 +387,10 @@ class DkvPlan:
     # Rows of the others' sum that came home (None: all): of ``final_add``, or of ``home``
     # itself where home is the received buffer (whose other rows must then be cleared).
     home_rows: Rows | None = None
+    # The exchange in which ``home`` receives the finished dK/dV from the block's last rank
+    # (which may send it narrowed, :attr:`DkvStep.finished`: it then lands in the output
+    # instead); None: home is not received finished.
+    home_step: int | None = None
 
 
 def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
@@ -407,6 +417,13 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
     ``needs`` (as for :func:`kv_rows`): a partial then holds, and a message carries, only
     the hull of the rows its contributors attend to (the steps' ``rows``).
     """
+    plan = _dkv_plan(schedules, rank, needs, reserve=True)
+    # a free buffer kept for a narrowed message must not cost a buffer more
+    return plan if plan.buffers <= _dkv_plan(schedules, rank, None, reserve=False).buffers else \
+        _dkv_plan(schedules, rank, needs, reserve=False)
+
+
+def _dkv_plan(schedules, rank: int, needs, *, reserve: bool) -> DkvPlan:
     size, reach = len(schedules), block_reach(schedules)
     # b keeps its own contribution where every block goes at most one hop (documents that
     # span two ranks at most, two ranks): then that costs no buffer, elsewhere it could cost two.
@@ -428,17 +445,16 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
         return _hull(needs[(b + t) % size][b] for t in range(1 if keeps[b] else 0, s + 1))
 
     arriving = None  # the partial received in the previous exchange (for this step's block)
-    in_flight = None  # the buffer sent in the previous exchange (free once it completes)
+    in_flight: list[int] = []  # buffers sent from in the previous exchange (free once it completes)
     home = final_add = home_rows = None
     for s in range(size):
         b = (rank - s) % size
-        compute, zero, add, send = None, False, None, None
+        compute, zero, add, send, narrow = None, False, None, None, None
         on_path = s == 0 or reach[b] >= s
         if on_path and (s == 0 or schedules[rank][s] or arriving is None):
             compute, zero = take(), True  # (a rank on the path without work forwards what came)
-        if in_flight is not None:
-            free.append(in_flight)  # the exchange is waited before the add
-            in_flight = None
+        free.extend(in_flight)  # the exchange is waited before the add
+        in_flight = []
         if on_path:
             if compute is None:
                 compute, arriving = arriving, None  # forwarded as it came
@@ -451,7 +467,7 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
                 send = (compute, (rank + 1) % size)
             else:
                 send = (compute, b)
-            in_flight = None if send is None else compute
+            in_flight = [] if send is None else [compute]
         recv, recv_rows = [], []
         ahead = (rank - 1 - s) % size  # the block rank−1 holds at step s
         if s < size - 1 and reach[ahead] > s and not (s == 0 and keeps[ahead]):
@@ -466,11 +482,24 @@ def dkv_plan(schedules, rank: int, needs=None) -> DkvPlan:
                 final_add = back
             else:
                 home = back
+        finished = send is not None and send[1] == b and reach[b] == s and s > 0 and not keeps[b]
+        if finished:
+            # the finished sum goes home: narrowed into the memory of this exchange's
+            # finished-home receive (which then lands in the output instead), else of a
+            # free buffer, kept from the next step's compute until the exchange completed;
+            # None: no buffer is free (the ring narrows into a new array then)
+            if s >= 1 and reach[rank] == s and not keeps[rank]:
+                narrow = back
+            elif reserve and free:
+                narrow = free.pop()
+                in_flight.append(narrow)
         # rows of compute (None: all): a home buffer is read whole, so it is cleared whole
         rows = None if compute is None or compute == home else acc(b, s)
         steps.append(DkvStep(compute, zero, add, send, tuple(recv), rows=rows,
-                             add_rows=None if add is None else acc(b, s - 1), recv_rows=tuple(recv_rows)))
-    return DkvPlan(tuple(steps), used[0], home, final_add, home_rows)
+                             add_rows=None if add is None else acc(b, s - 1), recv_rows=tuple(recv_rows),
+                             finished=finished, narrow=narrow))
+    return DkvPlan(tuple(steps), used[0], home, final_add, home_rows,
+                   home_step=reach[rank] if size > 1 and reach[rank] > 0 and not keeps[rank] else None)
 
 
 def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:

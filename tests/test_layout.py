@@ -147,15 +147,18 @@ def test_document_schedule_matches_dense_mask():
 
 
 # --- the backward's dK/dV plan (layout.dkv_plan) --------------------------------------------
-def _run_dkv_plans(schedules, transfer_at_post: bool):
+def _run_dkv_plans(schedules, transfer_at_post: bool, narrow: bool = False):
     """Play every rank's dK/dV plan together on symbolic partials (lists of (rank, block)
     contributions). Messages are matched per exchange and move either when posted or when
     waited (the two ends of the window in which a transport reads and writes the buffers),
-    so a buffer written while a message still uses it gives a wrong sum. Returns each
-    rank's home buffer and every rank's buffer count."""
+    so a buffer written while a message still uses it gives a wrong sum. ``narrow``: a
+    finished sum goes home from its step's ``narrow`` buffer (a copy; a new one where None)
+    into a new buffer, as the ring does with bf16/fp16. Returns each rank's home buffer
+    and every rank's buffer count."""
     size = len(schedules)
     plans = [mpiring.layout.dkv_plan(schedules, r) for r in range(size)]
     bufs = [[[] for _ in range(p.buffers)] for p in plans]
+    homes = [p.home for p in plans]
     pending = []  # the exchange posted last: (src, dst, src buffer, dst buffer)
 
     def move():
@@ -177,10 +180,27 @@ def _run_dkv_plans(schedules, transfer_at_post: bool):
             step = plan.steps[s]
             if step.add is not None:
                 bufs[r][step.compute] = bufs[r][step.compute] + bufs[r][step.add]
-        sends = {(r, dst): i for r, p in enumerate(plans) if p.steps[s].send for i, dst in [p.steps[s].send]}
+        sends = {}
+        for r, p in enumerate(plans):
+            step = p.steps[s]
+            if step.send:
+                i = step.send[0]
+                if narrow and step.finished:
+                    i = step.narrow if step.narrow is not None else len(bufs[r])
+                    if i == len(bufs[r]):
+                        bufs[r].append(None)  # a new array
+                    bufs[r][i] = list(bufs[r][step.send[0]])
+                sends[r, step.send[1]] = i, step.finished
+            assert not step.finished or step.send[1] == (r - s) % size  # a finished sum goes home
         for r, plan in enumerate(plans):
             for j, src in plan.steps[s].recv:
-                pending.append((src, r, sends.pop((src, r)), j))  # KeyError: a receive without its send
+                i, finished = sends.pop((src, r))  # KeyError: a receive without its send
+                # the finished sum comes home exactly where the plan says so
+                assert finished == (plan.home_step == s and j == plan.home)
+                if narrow and finished:
+                    j = homes[r] = len(bufs[r])  # into the output
+                    bufs[r].append([])
+                pending.append((src, r, i, j))
         assert not sends, f"sends without receives at exchange {s}: {sends}"
         if transfer_at_post:
             move()
@@ -188,19 +208,20 @@ def _run_dkv_plans(schedules, transfer_at_post: bool):
     for r, plan in enumerate(plans):
         if plan.final_add is not None:
             bufs[r][plan.home] = bufs[r][plan.home] + bufs[r][plan.final_add]
-    return [bufs[r][p.home] for r, p in enumerate(plans)], [p.buffers for p in plans]
+    return [bufs[r][h] for r, h in enumerate(homes)], [p.buffers for p in plans]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(1, 7).flatmap(lambda n: st.lists(st.lists(st.booleans(), min_size=n, max_size=n),
                                                      min_size=n, max_size=n)),
-       st.booleans())
-def test_dkv_plan_brings_every_partial_home(schedules, transfer_at_post):
+       st.booleans(), st.booleans())
+def test_dkv_plan_brings_every_partial_home(schedules, transfer_at_post, narrow):
     """Any schedules: each block's dK/dV is the sum of exactly the ranks that had work
     with it, at its owner; sends match receives; at most 4 buffers, and 3
-    for a full ring (as many as the ring always had)."""
+    for a full ring (as many as the ring always had); also where the finished sums go
+    home narrowed (the buffer they are narrowed into is free while they travel)."""
     size = len(schedules)
-    homes, buffers = _run_dkv_plans(schedules, transfer_at_post)
+    homes, buffers = _run_dkv_plans(schedules, transfer_at_post, narrow)
     for b in range(size):
         want = [((b + t) % size, b) for t in range(size) if schedules[(b + t) % size][t]]
         assert sorted(homes[b]) == sorted(want)  # each once (the order of the adds is fixed by the plan)

@@ -4,18 +4,19 @@ import numpy as np
 import pytest
 
 import mpiring
+from mpiring._xp import bfloat16
 from mpiring.transport import MpiHostTransport
 
 
-def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None, row_bytes=(0, 0)):
+def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None, row_bytes=(0, 0), finished_row=None):
     """(K/V, dK/dV) messages this rank sends, and their bytes, from brute force over
     positions: block b goes on from rank b+s (step s) while a rank further along, b+s+1 …
     b+N−1, attends to it, with the rows that those ranks attend to (hull); its dK/dV
     partial goes with it, with the rows its contributors attend to, and from the last rank
     that attends to it (if not b itself) straight home to b; where no block goes more than
     one hop (two ranks: always), b keeps its own part and only b+1's goes there and back.
-    ``row_bytes``: bytes
-    of one K/V row (K and V), one dK/dV row."""
+    ``row_bytes``: bytes of one K/V row (K and V), one dK/dV row; ``finished_row``: of one
+    row of a finished dK/dV sum on its way home (in the output dtype; default: as partials)."""
     size, rank = comm.Get_size(), comm.Get_rank()
     pos = [mpiring.layout.positions(layout, r, size, seqlen_local) for r in range(size)]
     doc = None if cu_seqlens is None else (lambda p: np.searchsorted(cu_seqlens, p, side="right"))
@@ -41,24 +42,30 @@ def _expected_sends(comm, layout, causal, seqlen_local, cu_seqlens=None, row_byt
     short = size > 1 and max(reach) == 1
     dkv = [(s, (rank - s) % size) for s in range(size) if reach[(rank - s) % size] >= max(s, 1)
            and not (s == 0 and short)]
-    dkv_bytes = sum(hull(b, range(1 if short else 0, s + 1)) for s, b in dkv) * row_bytes[1]
+    finished_row = row_bytes[1] if finished_row is None else finished_row
+    dkv_bytes = sum(hull(b, range(1 if short else 0, s + 1))
+                    * (finished_row if s == reach[b] and not short else row_bytes[1]) for s, b in dkv)
     return len(kv), len(dkv), kv_bytes, dkv_bytes
 
 
+@pytest.mark.parametrize("dtype", [np.float32, bfloat16])
 @pytest.mark.parametrize("layout,causal", [("contiguous", False), ("contiguous", True), ("zigzag", True)])
-def test_hops_per_call(comm, seed, layout, causal):
+def test_hops_per_call(comm, seed, layout, causal, dtype):
     """K/V hops forward: N−1, less the steps whose block no rank further along needs
     (causal contiguous: rank r < N−1 forwards blocks 0…r, the last rank none, N(N−1)/2 in
     all); backward adds the dK/dV hops: N on a full ring (the last brings the owner's
     dK/dV home); causal contiguous: r+1 on rank r < N−1 (the partial of block 0…r, sent on
     or home), N−1 on the last rank (none for its own block); none at N=1; at N=2 the
-    owner keeps its part: one (rank 0 none with causal contiguous)."""
+    owner keeps its part: one (rank 0 none with causal contiguous). dK/dV partials travel
+    in float32; a finished sum goes home in the input dtype (bfloat16: half the bytes)."""
     size = comm.Get_size()
     rng = np.random.default_rng(seed)
-    q, k, v, do = (rng.standard_normal((1, 8, 2, 4)).astype(np.float32) for _ in range(4))
+    q, k, v, do = (rng.standard_normal((1, 8, 2, 4)).astype(dtype) for _ in range(4))
     transport = MpiHostTransport(mpiring.api.private_comm(comm))
-    row = 2 * k[0, 0].nbytes  # a K row and a V row (batch 1); dK/dV travel in float32 too
-    kv_sends, dkv_sends, kv_bytes, dkv_bytes = _expected_sends(comm, layout, causal, 8, row_bytes=(row, row))
+    row = 2 * k[0, 0].nbytes  # a K row and a V row (batch 1), and a finished dK/dV row
+    partial_row = 2 * k[0, 0].size * 4  # float32
+    kv_sends, dkv_sends, kv_bytes, dkv_bytes = _expected_sends(comm, layout, causal, 8, row_bytes=(row, partial_row),
+                                                               finished_row=row)
     rank = comm.Get_rank()
     contiguous_causal = (layout, causal) == ("contiguous", True)
     assert kv_sends == ((rank + 1 if rank < size - 1 else 0) if contiguous_causal else size - 1)
@@ -134,3 +141,28 @@ def test_skipped_steps_do_no_compute(comm, seed, monkeypatch):
     q = np.random.default_rng(seed).standard_normal((1, 4, 1, 4)).astype(np.float32)
     mpiring.ring_attention(q, q, q, comm, causal=True)
     assert len(calls) == comm.Get_rank() + 1
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_finished_dkv_home_in_the_input_dtype_is_bitwise(comm, seed, layout, monkeypatch):
+    """bfloat16: each block's finished dK/dV goes home in bfloat16 (the sender casts what
+    the owner would cast): the gradients are bitwise those of the float32 hop."""
+    import dataclasses
+
+    rng = np.random.default_rng(seed)
+    q, k, v, do = (rng.standard_normal((1, 16, 2, 8)).astype(bfloat16) for _ in range(4))
+    opts = dict(causal=True, layout=layout)
+    out, lse = mpiring.ring_attention(q, k, v, comm, **opts)
+    narrowed = mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, **opts)
+    plan = mpiring.layout.dkv_plan
+
+    def float32_hop(*args, **kwargs):
+        p = plan(*args, **kwargs)
+        steps = tuple(dataclasses.replace(step, finished=False) for step in p.steps)
+        return dataclasses.replace(p, steps=steps, home_step=None)
+
+    monkeypatch.setattr(mpiring.layout, "dkv_plan", float32_hop)
+    wide = mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, **opts)
+    for a, b in zip(narrowed, wide):
+        assert a.dtype == b.dtype == bfloat16
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))

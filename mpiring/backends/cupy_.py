@@ -38,7 +38,7 @@ from importlib import resources
 import numpy as np
 
 from mpiring._xp import bfloat16
-from mpiring.backends.numpy_ import record_event
+from mpiring.backends.numpy_ import narrow_view, record_event
 from mpiring.layout import Mask, Segment
 
 __all__ = ["CudaKernelBackend", "TILES", "kernel_applies", "kernel_sources", "compile_options"]
@@ -355,6 +355,19 @@ class CudaKernelBackend:
         """dK/dV partials ``(2, B, Sk, Hkv, D)`` float32, zero (``kv``: as from :meth:`pack_kv`)."""
         return self.xp.zeros((2,) + tuple(kv[0].shape), dtype=np.float32)
 
+    def dkv_out(self, dkv, dtype):
+        """An uninitialised array like the partials ``dkv`` in the output ``dtype`` (where a
+        block's finished dK/dV comes home narrowed; :meth:`bwd_end` takes it as is)."""
+        return self.xp.empty(dkv.shape, dtype=dtype)
+
+    def narrow_dkv(self, dkv, scratch, dtype, rows=None):
+        """The partials ``dkv`` in ``dtype`` as :meth:`bwd_end` would cast them (the cast
+        kernel), written into the memory of ``scratch`` (a free partial buffer; None: a new
+        array). All rows are cast (``rows``, those sent, is not needed: the others are never
+        read, and casting them is harmless)."""
+        out = self.dkv_out(dkv, dtype) if scratch is None else narrow_view(scratch, dkv.shape, dtype)
+        return self._cast_out(dkv, dtype, out=out)
+
     # --- forward ------------------------------------------------------------------------
     def fwd_begin(self, q, heads_kv: int, scale: float) -> FwdState:
         xp = self.xp
@@ -471,17 +484,23 @@ class CudaKernelBackend:
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
         """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""
         dq = self._cast_out(st.dq, st.q.dtype, st.dq_sign)
-        dk_dv = self._cast_out(dkv, kv_dtype)  # one launch for both halves
+        # one launch for both halves; already cast where the finished sum came home narrowed
+        dk_dv = dkv if dkv.dtype == np.dtype(kv_dtype) else self._cast_out(dkv, kv_dtype)
         return dq, dk_dv[0], dk_dv[1]
 
-    def _cast_out(self, x, dtype, mul=1):
+    def _cast_out(self, x, dtype, mul=1, out=None):
         """``x`` (float32, contiguous) · ``mul`` in ``dtype`` (float16/bfloat16), by the
-        backward file's cast kernel (CuPy's astype to bfloat16 is several times slower)."""
+        backward file's cast kernel (CuPy's astype to bfloat16 is several times slower);
+        into ``out`` (contiguous, x's shape) where given."""
         xp = self.xp
         dtype = np.dtype(dtype)
         if dtype not in KERNEL_DTYPES or x.size % 4 or not x.flags.c_contiguous:
-            return (x * mul if mul != 1 else x).astype(dtype)
-        out = xp.empty(x.shape, dtype)
+            y = (x * mul if mul != 1 else x).astype(dtype)
+            if out is None:
+                return y
+            out[...] = y
+            return out
+        out = xp.empty(x.shape, dtype) if out is None else out
         n4 = x.size // 4
         if n4:
             threads = 256

@@ -34,6 +34,13 @@ def _tile_size(budget: int, batch_heads: int) -> int:
     return max(32, min(2048, side - side % 16))
 
 
+def narrow_view(buf, shape, dtype):
+    """An array of ``shape`` and ``dtype`` over the first bytes of the contiguous ``buf``
+    (at least as many), e.g. bf16 dK/dV in the memory of a float32 partial buffer."""
+    n = int(np.prod(shape))
+    return buf.reshape(-1).view(np.uint8)[:n * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+
+
 @dataclass
 class _Tile:
     lo: int  # local row range [lo, hi)
@@ -202,6 +209,20 @@ class BlockwiseBackend:
     def zeros_dkv(self, kv):
         return self.xp.zeros(kv.shape, dtype=compute_dtype(kv.dtype))
 
+    def dkv_out(self, dkv, dtype):
+        """An uninitialised array like the partials ``dkv`` in the output ``dtype`` (where a
+        block's finished dK/dV comes home narrowed; :meth:`bwd_end` takes it as is)."""
+        return self.xp.empty(dkv.shape, dtype=dtype)
+
+    def narrow_dkv(self, dkv, scratch, dtype, rows=None):
+        """The partials ``dkv`` (rows [lo, hi) along :attr:`seq_axis`; None: all) in ``dtype``
+        as :meth:`bwd_end` would cast them, written into the memory of ``scratch`` (a free
+        partial buffer; None: a new array). The other rows are left as they are."""
+        out = self.dkv_out(dkv, dtype) if scratch is None else narrow_view(scratch, dkv.shape, dtype)
+        part = (slice(None),) * self.seq_axis + (slice(*rows) if rows is not None else slice(None),)
+        out[part] = dkv[part]
+        return out
+
     def _tile_pairs(self, batch_heads, q_segs, k_segs, mask):
         tile = _tile_size(self._budget, batch_heads)
         return _TilePairs(self.xp, q_segs, k_segs, mask, tile, tile)
@@ -314,8 +335,9 @@ class BlockwiseBackend:
             st.dq[:, :, rows] = dq_t.reshape(b, hkv, tq, g, d)
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
-        """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""
+        """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype
+        (``dkv``: the float partials, or already in the input dtype)."""
         dq = self._merge_heads(st.dq * st.q.dtype.type(st.scale), st.out_dtype)
-        dk = self.xp.ascontiguousarray(dkv[0].transpose(0, 2, 1, 3).astype(kv_dtype))
-        dv = self.xp.ascontiguousarray(dkv[1].transpose(0, 2, 1, 3).astype(kv_dtype))
+        dk = self.xp.ascontiguousarray(dkv[0].transpose(0, 2, 1, 3).astype(kv_dtype, copy=False))
+        dv = self.xp.ascontiguousarray(dkv[1].transpose(0, 2, 1, 3).astype(kv_dtype, copy=False))
         return dq, dk, dv
