@@ -604,6 +604,13 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
             ex_dkv = None
         if step.add is not None:  # the partial sum that came with the block, from rank−1
             _add_rows(dkv[step.compute], dkv[step.add], step.add_rows, axis)
+        if ex_kv is not None:
+            # Before the fence and the dK/dV post: a host-side transport (MPI) moves the
+            # next block while this step computes only if polled then. Posting dK/dV first
+            # waits for the step's end and left the block to move after it (mpi-cuda: the
+            # GPU idled 2-6 ms before each step, 4x H200, bench/ring_probe.py).
+            tr.wait(ex_kv, timeout=call.timeout)
+            ex_kv = None
         if size > 1:
             fence = be.record()
         if step.send is not None or step.recv:
@@ -626,8 +633,6 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
                              [_message(buf, r, axis) for buf, r in zip(received, recv_rows)], tag=_TAG_DKV,
                              send_ready=fence, recv_free=fence, send_to=[] if step.send is None else [step.send[1]],
                              recv_from=[r for _, r in step.recv])
-        if ex_kv is not None:
-            tr.wait(ex_kv, timeout=call.timeout)
     if ex_dkv is not None:
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
     if plan.final_add is not None:  # the other ranks' sum, added to our own contribution
