@@ -555,7 +555,10 @@ def ring_attention_backward(
 
     The dK/dV partials travel with their K/V block in the compute dtype (float32 at
     least), summed in ring order, and go straight home from the last rank that used
-    the block (:func:`mpiring.layout.dkv_plan`), so error does not grow with N.
+    the block (:func:`mpiring.layout.dkv_plan`), so error does not grow with N. A
+    finished sum goes home in the input dtype (bf16/fp16: half the bytes of that last
+    hop, which no compute hides): the owner would only cast it, so the gradients are
+    bitwise the same.
     """
     arrays, export, problem = _interop.import_arrays(
         {"q": q, "k": k, "v": v, "dout": dout, "out": out, "lse": lse, "cu_seqlens": cu_seqlens})
