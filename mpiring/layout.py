@@ -446,10 +446,10 @@ def _dkv_plan(schedules, rank: int, needs, *, reserve: bool) -> DkvPlan:
 
     arriving = None  # the partial received in the previous exchange (for this step's block)
     in_flight: list[int] = []  # buffers sent from in the previous exchange (free once it completes)
-    home = final_add = home_rows = None
+    home = final_add = home_rows = home_step = None
     for s in range(size):
         b = (rank - s) % size
-        compute, zero, add, send, narrow = None, False, None, None, None
+        compute, zero, add, send, finished, narrow = None, False, None, None, False, None
         on_path = s == 0 or reach[b] >= s
         if on_path and (s == 0 or schedules[rank][s] or arriving is None):
             compute, zero = take(), True  # (a rank on the path without work forwards what came)
@@ -465,8 +465,8 @@ def _dkv_plan(schedules, rank: int, needs, *, reserve: bool) -> DkvPlan:
                 home = compute  # complete here, or waiting for the others' sum to come home
             elif reach[b] > s:
                 send = (compute, (rank + 1) % size)
-            else:
-                send = (compute, b)
+            else:  # home from the last rank on the path: finished unless b keeps its own part
+                send, finished = (compute, b), not keeps[b]
             in_flight = [] if send is None else [compute]
         recv, recv_rows = [], []
         ahead = (rank - 1 - s) % size  # the block rank−1 holds at step s
@@ -481,14 +481,13 @@ def _dkv_plan(schedules, rank: int, needs, *, reserve: bool) -> DkvPlan:
             if keeps[rank]:
                 final_add = back
             else:
-                home = back
-        finished = send is not None and send[1] == b and reach[b] == s and s > 0 and not keeps[b]
+                home, home_step = back, s
         if finished:
             # the finished sum goes home: narrowed into the memory of this exchange's
             # finished-home receive (which then lands in the output instead), else of a
             # free buffer, kept from the next step's compute until the exchange completed;
             # None: no buffer is free (the ring narrows into a new array then)
-            if s >= 1 and reach[rank] == s and not keeps[rank]:
+            if home_step == s:
                 narrow = back
             elif reserve and free:
                 narrow = free.pop()
@@ -498,8 +497,7 @@ def _dkv_plan(schedules, rank: int, needs, *, reserve: bool) -> DkvPlan:
         steps.append(DkvStep(compute, zero, add, send, tuple(recv), rows=rows,
                              add_rows=None if add is None else acc(b, s - 1), recv_rows=tuple(recv_rows),
                              finished=finished, narrow=narrow))
-    return DkvPlan(tuple(steps), used[0], home, final_add, home_rows,
-                   home_step=reach[rank] if size > 1 and reach[rank] > 0 and not keeps[rank] else None)
+    return DkvPlan(tuple(steps), used[0], home, final_add, home_rows, home_step)
 
 
 def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:
