@@ -30,6 +30,10 @@ __all__ = ["ring_attention", "ring_attention_backward", "private_comm"]
 _TAG_KV, _TAG_DKV = 71, 72
 _KEYVAL = MPI.KEYVAL_INVALID
 _FORWARD = object()  # _prepare's lse for a forward call (backward's lse=None must be caught)
+# Flops of a ring step per byte of the exchange it overlaps, from which the exchange may
+# take a transport's lean path (``Transport.post(background=True)``; nccl: 4 channels,
+# ~50 GB/s on H100): attention kernels at ~400 TF/s then hide it 1.5 times over.
+BACKGROUND_FLOPS_PER_BYTE = 12_000
 
 
 def private_comm(comm):
@@ -176,6 +180,7 @@ class _Call:
     layout: str = "contiguous"
     dkv_plan: _layout.DkvPlan | None = None  # backward only (layout.dkv_plan)
     kv_rows: tuple = ()  # kv_rows[s]: rows (lo, hi) of the blocks sent, received (layout.kv_rows); () all
+    background: bool = False  # exchanges hidden by ample compute (_background); the same on every rank
 
 
 def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, cu_seqlens, transport, timeout=None,
@@ -270,7 +275,27 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     plan = None if lse is _FORWARD else _layout.dkv_plan(schedules, rank, needs)
     kv_rows = () if needs is None else _layout.kv_rows(needs, schedules, rank)
     return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active,
-                 _layout.kv_hops(schedules, rank), timeout, layout, plan, kv_rows)
+                 _layout.kv_hops(schedules, rank), timeout, layout, plan, kv_rows,
+                 _background(mask, schedules, q.shape, k.shape, q.dtype, backward=lse is not _FORWARD))
+
+
+def _background(mask: _layout.Mask, schedules, q_shape, k_shape, dtype, *, backward: bool) -> bool:
+    """Whether a call's exchanges are hidden by ample compute, so that a transport may move
+    them on a lean path: every rank computes at every step, on dense blocks (no documents,
+    no window: a step's block is at least half full, as on the causal diagonal), and half
+    a block's flops per byte of its exchange reach :data:`BACKGROUND_FLOPS_PER_BYTE`.
+    A function of agreed values only, so the same on every rank (both ends of a message
+    must pick the same path)."""
+    if mask.cu_seqlens is not None or mask.left is not None or mask.right is not None:
+        return False
+    if not all(all(steps) for steps in schedules):
+        return False
+    lq, heads, heads_kv, item = q_shape[1], q_shape[2], k_shape[2], np.dtype(dtype).itemsize
+    if backward:  # 2.5x the forward's flops over K/V and the dK/dV partial (float32; float64 for float64)
+        per_byte = 2.5 * 4 * lq * heads / (heads_kv * 2 * (item + max(item, 4)))
+    else:  # 4·Lq·Lk·H·D flops over 2·Lk·Hkv·D·itemsize bytes
+        per_byte = 4 * lq * heads / (heads_kv * 2 * item)
+    return 0.5 * per_byte >= BACKGROUND_FLOPS_PER_BYTE
 
 
 def _whole_rows(active, rank: int, seqlen_k: int) -> list:
@@ -529,7 +554,8 @@ def _post_kv(call: _Call, s: int, cur, nxt, fence):
     # write it from a stream of its own that waits for nothing else (mpi-staged's copies).
     return call.transport.post([_message(cur, rows[0], axis)] if send else [],
                                [_message(nxt, rows[1], axis)] if recv else [], tag=_TAG_KV,
-                               send_ready=ready, recv_free=ready if fence is None else fence)
+                               send_ready=ready, recv_free=ready if fence is None else fence,
+                               background=call.background)
 
 
 def ring_attention_backward(
@@ -635,7 +661,9 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
             ex_dkv = tr.post([_message(buf, step.rows, axis) for buf in sent],
                              [_message(buf, r, axis) for buf, r in zip(received, recv_rows)], tag=_TAG_DKV,
                              send_ready=fence, recv_free=fence, send_to=[] if step.send is None else [step.send[1]],
-                             recv_from=[r for _, r in step.recv])
+                             recv_from=[r for _, r in step.recv],
+                             # after the last step nothing hides it: a block's dK/dV going home
+                             background=call.background and s + 1 < len(plan.steps))
     if ex_dkv is not None:
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
     if plan.final_add is not None:  # the other ranks' sum, added to our own contribution

@@ -151,6 +151,26 @@ def test_nccl_channel_cap_stays_inside(comm):
 
 
 @gpu
+@pytest.mark.parametrize("layout,causal", [("zigzag", True), ("contiguous", False)])
+def test_nccl_lean_communicator(comm, seed, monkeypatch, layout, causal):
+    """Exchanges posted as ``background`` go over nccl's lean communicator (made with
+    ncclCommInitRankConfig through ctypes, MPIRING_NCCL_LEAN_CHANNELS channels): forced
+    here for small shapes, forward and backward against the oracle, the lean path taken."""
+    if comm.Get_size() == 1:
+        pytest.skip("no transport at -n 1")
+    import mpiring.api
+
+    tr = select_gpu_transport("nccl", private_comm(comm))
+    if tr.lean_channels is None:
+        pytest.skip("no lean communicator here (one libnccl >= 2.17 needed on every rank)")
+    monkeypatch.setattr(mpiring.api, "BACKGROUND_FLOPS_PER_BYTE", 0)
+    before = tr.lean_hops
+    check_ring(comm, seed, seqlen_local=130, heads=4, heads_kv=2, head_dim=64, dtype=bfloat16,
+               layout=layout, causal=causal, transport="nccl", xp=cp)
+    assert tr.lean_hops > before and tr.pending == 0
+
+
+@gpu
 def test_chunked_staging(comm, seed):
     """mpi-staged: messages split in many pieces (tiny staging chunks) arrive whole and in order."""
     from mpiring.transport.mpi_staged import MpiStagedTransport

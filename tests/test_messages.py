@@ -166,3 +166,68 @@ def test_finished_dkv_home_in_the_input_dtype_is_bitwise(comm, seed, layout, mon
     for a, b in zip(narrowed, wide):
         assert a.dtype == b.dtype == bfloat16
         np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+class _HintTransport(MpiHostTransport):
+    """Records each post's tag and ``background`` hint (it takes the hint, as nccl does)."""
+
+    takes_background = True
+
+    def __init__(self, comm):
+        super().__init__(comm)
+        self.posts = []
+
+    def _post(self, send, recv, *, tag, background=False, **kwargs):
+        self.posts.append((tag, background))
+        return super()._post(send, recv, tag=tag, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["dense", "documents", "below"])
+def test_background_hint(comm, seed, case, monkeypatch):
+    """Exchanges hidden by ample compute go as ``background`` (a lean path: nccl's
+    communicator of few channels), on both ends alike: every K/V exchange, and every dK/dV
+    exchange but those after the last step (a finished dK/dV going home, which nothing
+    hides). Never with documents (little compute per step), nor below the flops per byte."""
+    size = comm.Get_size()
+    if size == 1:
+        pytest.skip("no exchanges at -n 1")
+    import mpiring.api
+
+    if case != "below":
+        monkeypatch.setattr(mpiring.api, "BACKGROUND_FLOPS_PER_BYTE", 0)
+    q, k, v, do = (np.random.default_rng(seed + i).standard_normal((1, 12, 2, 8)) for i in range(4))
+    cu = np.array([0, 5, 12 * size]) if case == "documents" else None
+    tr = _HintTransport(comm)
+    out, lse = mpiring.ring_attention(q, k, v, comm, causal=True, layout="zigzag", cu_seqlens=cu, transport=tr)
+    forward, tr.posts = tr.posts, []
+    mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, causal=True, layout="zigzag", cu_seqlens=cu,
+                                    transport=tr)
+    hinted = case == "dense"
+    assert forward and all(b == hinted for _, b in forward)
+    kv = [b for tag, b in tr.posts if tag == mpiring.api._TAG_KV]
+    dkv = [b for tag, b in tr.posts if tag == mpiring.api._TAG_DKV]
+    assert kv and all(b == hinted for b in kv)
+    assert dkv[-1] is False and all(b == hinted for b in dkv[:-1])
+    assert len(dkv) == (size if size > 2 else 1)  # one per step; the last after the last step
+
+
+def test_background_needs_flops_per_byte():
+    """Half a block's flops per byte of its exchange against BACKGROUND_FLOPS_PER_BYTE
+    (12,000): bf16 with 32 heads reaches it at 32k tokens per rank, not at 16k; GQA's
+    smaller K/V blocks at fewer tokens; float32 needs twice bf16's tokens."""
+    from mpiring.api import _background
+
+    dense, docs = mpiring.layout.make_mask(True), mpiring.layout.make_mask(True, cu_seqlens=[0, 5, 10])
+    full = [(True,) * 4] * 4
+
+    def hint(tokens, heads_kv=32, dtype=bfloat16, backward=False, mask=dense, schedules=full):
+        q, k = (1, tokens, 32, 128), (1, tokens, heads_kv, 128)
+        return _background(mask, schedules, q, k, dtype, backward=backward)
+
+    for backward in (False, True):
+        assert hint(32768, backward=backward) and not hint(16384, backward=backward)
+        assert hint(8192, heads_kv=8, backward=backward) and not hint(8192, backward=backward)
+        assert hint(65536, dtype=np.float32, backward=backward) and not hint(32768, dtype=np.float32, backward=backward)
+        assert not hint(1 << 20, mask=docs, backward=backward)
+        assert not hint(1 << 20, mask=mpiring.layout.make_mask(True, window=128), backward=backward)
+        assert not hint(1 << 20, schedules=[(True,) * 4] * 3 + [(True, False, True, True)], backward=backward)

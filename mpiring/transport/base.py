@@ -35,6 +35,7 @@ class Transport:
     """Base class: subclasses implement ``_post`` and ``_wait``."""
 
     name = "base"
+    takes_background = False  # True: ``_post`` takes the ``background`` hint of :meth:`post`
 
     def __init__(self, comm):
         self.comm = comm
@@ -46,7 +47,7 @@ class Transport:
         self._pending = 0
 
     def post(self, send, recv, *, tag: int, send_ready=None, recv_free=None, send_to=None,
-             recv_from=None) -> Exchange:
+             recv_from=None, background: bool = False) -> Exchange:
         """Send ``send`` (list of messages) to rank+1 and receive ``recv`` from rank−1.
 
         A message is an array, or a tuple of arrays sent as its parts (the rows of a block
@@ -55,7 +56,12 @@ class Transport:
         further, or whose next block is not needed here), not both; rank+1 posts the
         matching receives. ``send_to`` / ``recv_from``: one peer rank per message instead
         (same order); the peers post the matching operations in their exchange of the
-        same ring step."""
+        same ring step.
+
+        ``background``: the caller has compute queued that hides this exchange even on a
+        slower path; a transport may then move it with fewer GPU resources (``nccl``: a
+        communicator of fewer channels). Both ends of every message must pass the same
+        value: it may choose the channel the message travels on."""
         if not (send or recv):
             raise ValueError("post needs a buffer to send or to receive")
         send_to = [self.send_rank] * len(send) if send_to is None else [int(r) for r in send_to]
@@ -65,8 +71,9 @@ class Transport:
         hops = len(send)
         send, send_to = _parts(send, send_to)
         recv, recv_from = _parts(recv, recv_from)
+        hint = {"background": bool(background)} if self.takes_background else {}
         exchange = self._post(send, recv, tag=tag, send_ready=send_ready, recv_free=recv_free,
-                              send_to=send_to, recv_from=recv_from)
+                              send_to=send_to, recv_from=recv_from, **hint)
         self.hops += hops
         self.bytes_sent += sum(int(buf.nbytes) for buf in send)
         self._pending += 1
