@@ -30,11 +30,12 @@ favoured it.)
 A second, lean communicator (``MPIRING_NCCL_LEAN_CHANNELS``, default 4; 0: none) carries
 the exchanges that the ring posts with ``background=True``: those with enough compute
 queued to hide them even at a lean communicator's pace (``mpiring.api``). Its fewer
-channels take fewer SMs from the attention kernels for the same bytes (4x H200,
+channels take less SM time from the attention kernels for the same bytes (4x H200,
 non-causal forward+backward at 32k tokens per GPU, ``bench/ring_probe.py``: the kernels
-of the slowest rank ran 11-22 ms slower beside 4 channels, 26-33 ms beside 16), while the
-exchanges that nothing hides (a block's dK/dV going home after the last compute) keep the
-fast one. It is made with ``ncclCommInitRankConfig`` (``maxCTAs``), which CuPy does not
+of the rank that set the pace ran 21-23 ms longer than without transfers beside 4
+channels, 33-35 ms beside 16; efficiency 0.946-0.957 before, 0.958-0.964 after), while
+the exchange that nothing hides (a block's dK/dV going home after the last compute) keeps
+the fast one. It is made with ``ncclCommInitRankConfig`` (``maxCTAs``), which CuPy does not
 wrap (:mod:`mpiring.transport._nccl_lib`); where that library call is not available on
 every rank (no single libnccl found, NCCL older than 2.17) all exchanges use the one
 communicator.
