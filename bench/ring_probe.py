@@ -1,7 +1,8 @@
 """Where the ring's time goes on N GPUs: its kernels, and everything else, per transport.
 
 Under ``mpiexec -n N`` (one rank per GPU), forward+backward ring calls (bf16, zigzag
-causal, or contiguous non-causal with ``--noncausal``) for each transport in turns, with
+causal, contiguous non-causal with ``--noncausal``, or the longctx bench's packed documents
+on contiguous ranks with ``--documents D``) for each transport in turns, with
 the ring bench's compute-only baseline (a transport that moves nothing) among them, after
 a heating phase. Per call and rank:
 
@@ -16,7 +17,7 @@ a heating phase. Per call and rank:
 What the ring loses against its baseline then splits into kernels that ran slower (the
 transfers taking SMs or memory bandwidth) and time outside the kernels (waits).
 
-    mpiexec -n 4 python3 bench/ring_probe.py [--seqlen 32768] [--heads 32] [--noncausal]
+    mpiexec -n 4 python3 bench/ring_probe.py [--seqlen 32768] [--heads 32] [--noncausal | --documents 16]
         [--transports nccl,mpi-cuda] [--rounds 5] [--out FILE]
 """
 
@@ -40,7 +41,7 @@ from mpiring.bench.common import (
     today,
     write_rows,
 )
-from mpiring.bench.longctx import _bfloat16
+from mpiring.bench.longctx import _bfloat16, _documents
 from mpiring.bench.ring import ComputeOnly
 
 
@@ -50,6 +51,9 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--noncausal", action="store_true", help="contiguous, non-causal (default: zigzag, causal)")
+    p.add_argument("--documents", type=int, default=0,
+                   help="causal packed documents on contiguous ranks: the longctx bench's random documents, "
+                        "ordered by mpiring.layout.pack_documents (0: one sequence)")
     p.add_argument("--transports", default="nccl,mpi-cuda", help="those that can't run here are skipped")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--heat", type=float, default=3.0, help="seconds of heating before the timed rounds")
@@ -68,6 +72,12 @@ def main() -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     select_device(comm)
     causal, layout = (False, "contiguous") if args.noncausal else (True, "zigzag")
+    cu, useful = None, 1.0
+    if args.documents:
+        total = args.seqlen * size
+        causal, layout = True, "contiguous"
+        cu = mpiring.layout.pack_documents(np.diff(_documents(total, args.documents)), size)[1]
+        useful = float((np.diff(cu).astype(float) ** 2).sum()) / total**2  # of a causal sequence's pairs
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         cupy.random.seed(1234 + rank)
@@ -83,7 +93,7 @@ def main() -> None:
                     print(f"{name} skipped: {exc}", flush=True)
 
         def call(tr):
-            opts = dict(causal=causal, layout=layout, transport=tr)
+            opts = dict(causal=causal, layout=layout, transport=tr, cu_seqlens=cu)
             out, lse = mpiring.ring_attention(q, k, v, comm, **opts)
             mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, **opts)
 
@@ -112,7 +122,7 @@ def main() -> None:
     if rank != 0:
         return
     flops = attention_flops(1, args.seqlen * size, args.seqlen * size, args.heads, args.head_dim,
-                            causal=causal, mode="fwd+bwd") / size
+                            causal=causal, mode="fwd+bwd") / size * useful  # with documents: their pairs only
     rows = []
     for name in names:
         per_rank = [e[name] for e in every]
@@ -124,7 +134,7 @@ def main() -> None:
             heads_kv=args.heads, head_dim=args.head_dim, seqlen=args.seqlen, n_gpus=size, causal=causal,
             layout=layout, transport=None if name.startswith("compute-only") else name, **{"pass": "fwd+bwd"},
             tflops_per_gpu=flops / (s["wall_ms"] / 1e3) / 1e12, probe_transport=name, rounds=args.rounds,
-            slowest_rank=slowest, per_rank=per_rank,
+            slowest_rank=slowest, per_rank=per_rank, documents=args.documents or None,
         ))
     _print(rows)
     if args.out:
