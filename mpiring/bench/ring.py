@@ -392,28 +392,18 @@ def _ring_rows(comm, n, seqlens, cases, passes, transports, args, common, notes)
                     row = make_row(**base, transport=name, tflops_per_gpu=tf, time_ms=1e3 * t,
                                    efficiency=tf / compute_tf, compute_only_tflops_per_gpu=compute_tf,
                                    check_rel_err=checked[name])
+                    lean_before = getattr(tr, "lean_hops", 0)
                     row.update(_step_times(comm, tr, fn))
                     if name == "nccl":  # NCCL_MAX_NCHANNELS while the communicator was made (None: NCCL's choice)
                         row["nccl_channels"] = getattr(tr, "channels", None)
-                        # the lean communicator's channels (None: none), and whether this call used it
+                        # the lean communicator's channels (None: none), and whether that call used it
                         row["nccl_lean_channels"] = getattr(tr, "lean_channels", None)
-                        row["background"] = _background_of(comm, inputs, mode, layout, causal)
+                        row["background"] = _max(comm, tr.lean_hops - lean_before) > 0
                     rows.append(row)
                     say(f"n={n} S={seqlen} {layout} causal={causal} {mode} {name}: {tf:.1f} TF/s/GPU, "
                         f"efficiency {tf / compute_tf:.3f}", flush=True)
             del inputs
     return rows
-
-
-def _background_of(comm, inputs, mode: str, layout: str, causal: bool) -> bool:
-    """Whether the ring posts this case's exchanges as ``background`` (mpiring.api._background)."""
-    from mpiring import layout as layouts
-    from mpiring.api import _background
-
-    q, k = inputs[0], inputs[1]
-    size, mask = comm.Get_size(), layouts.make_mask(causal)
-    schedules = [layouts.step_schedule(layout, r, size, q.shape[1], k.shape[1], mask) for r in range(size)]
-    return _background(mask, schedules, q.shape, k.shape, q.dtype, backward=mode != "fwd")
 
 
 def _print_table(rows, notes, path) -> None:
