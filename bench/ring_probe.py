@@ -18,7 +18,7 @@ What the ring loses against its baseline then splits into kernels that ran slowe
 transfers taking SMs or memory bandwidth) and time outside the kernels (waits).
 
     mpiexec -n 4 python3 bench/ring_probe.py [--seqlen 32768] [--heads 32] [--noncausal | --documents 16]
-        [--transports nccl,mpi-cuda] [--rounds 5] [--out FILE]
+        [--transports nccl,mpi-cuda] [--rounds 5] [--profile CALLS] [--out FILE]
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--garbage-baseline", action="store_true",
                    help="also the compute-only baseline as it ran before the twelfth session (arrival buffers "
                         "holding whatever the memory pool handed out)")
+    p.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                   help="then the host's work of CALLS back-to-back calls per transport (cProfile, rank 0 prints)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -117,6 +119,8 @@ def main() -> None:
                     end.record(stream)
                     end.synchronize()
                     samples[name].append(_sample(cupy, begin, end, events))
+        for name in names if args.profile else ():
+            _profile(comm, stream, name, fns[name], args.profile)
     mine = {name: _summary(s) for name, s in samples.items()}
     every = comm.gather(mine, root=0)
     if rank != 0:
@@ -139,6 +143,32 @@ def main() -> None:
     _print(rows)
     if args.out:
         write_rows(args.out, rows)
+
+
+def _profile(comm, stream, name, fn, calls: int) -> None:
+    """The host's work of ``calls`` calls back to back (one synchronisation at the end),
+    by function (cProfile on every rank; rank 0 prints its own)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    stream.synchronize()
+    comm.Barrier()
+    prof = cProfile.Profile()
+    start = time.perf_counter()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    host = (time.perf_counter() - start) / calls
+    stream.synchronize()
+    if comm.Get_rank() == 0:
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("tottime").print_stats(18)
+        stats.sort_stats("cumulative").print_stats(30)
+        print(f"== host profile {name}: {host * 1e3:.2f} ms per call (profiled)\n" + text.getvalue(), flush=True)
 
 
 def _sample(cupy, begin, end, events) -> dict:

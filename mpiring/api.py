@@ -619,6 +619,11 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
     # owner would only cast it: the gradients are bitwise the same.
     narrow = np.dtype(k.dtype).itemsize < dkv[0].dtype.itemsize
     home = dkv[plan.home]
+    # Where this rank's last exchange sends a finished partial home and nothing computes
+    # after it, the second half of step 0 (KV heads split, home buffer only) runs after that
+    # post and hides it (layout.deferred_step); the first half hides the first K/V arrival.
+    later = _layout.deferred_step(plan, call.active, [r for _, r in call.kv_hops] if be.owns_packed_kv else None)
+    split = call.heads_kv // 2 if later is not None else 0
     fence, ex_dkv = None, None
     for s, step in enumerate(plan.steps):
         cur, nxt = kv[s], kv[s + 1]
@@ -627,7 +632,7 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
             _rows(dkv[step.compute], step.rows, axis).fill(0)
         if call.active[s]:  # into a fresh partial: written, not added (no zero fill before it)
             be.bwd_step(state, cur, dkv[step.compute], call.q_segs, call.k_segs[(rank - s) % size], call.mask,
-                        fresh=step.zero)
+                        fresh=step.zero, heads=(0, split) if s == 0 and split else None)
         if ex_dkv is not None:
             tr.wait(ex_dkv, timeout=call.timeout)
             ex_dkv = None
@@ -664,6 +669,10 @@ def _backward(call: _Call, dout, q, k, v, out, lse):
                              recv_from=[r for _, r in step.recv],
                              # after the last step nothing hides it: a block's dK/dV going home
                              background=call.background and s + 1 < len(plan.steps))
+        if split and s == later:  # the rest of step 0, under that post
+            first = plan.steps[0]
+            be.bwd_step(state, kv[0], dkv[first.compute], call.q_segs, call.k_segs[rank], call.mask,
+                        fresh=first.zero, heads=(split, call.heads_kv))
     if ex_dkv is not None:
         tr.wait(ex_dkv, timeout=call.timeout)  # the last exchange may bring our own block's dK/dV home
     if plan.final_add is not None:  # the other ranks' sum, added to our own contribution

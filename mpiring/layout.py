@@ -500,6 +500,43 @@ def _dkv_plan(schedules, rank: int, needs, *, reserve: bool) -> DkvPlan:
     return DkvPlan(tuple(steps), used[0], home, final_add, home_rows, home_step)
 
 
+def deferred_step(plan: DkvPlan, active, kv_receives=None) -> int | None:
+    """Where the backward ring may finish part of its own block's step: the step after
+    whose dK/dV post the rest of step 0 can run (None: nowhere useful).
+
+    Where a rank keeps its own block's dK/dV at home (:func:`dkv_plan`: packed documents
+    that span two ranks at most, any two-rank ring), its last exchange sends a finished
+    partial home and nothing computes after it: the owner waits for that transfer. Step 0
+    touches only the home buffer, which nothing else reads before the end, so part of it
+    (some heads) can run after that post instead, hiding the transfer; the rest still runs
+    first, under the first K/V block's arrival.
+
+    ``active``: the rank's schedule (step s has work); ``kv_receives``: for ring loops whose
+    own K/V block may be received into by later exchanges (the blockwise backend's two
+    buffers in turns), whether exchange s receives a block (the block must not change
+    before the deferred part reads it); None where the own block is never received into.
+    """
+    steps = plan.steps
+    first = steps[0]
+    if not active[0] or first.compute is None or first.compute != plan.home or plan.home_step is not None:
+        return None
+    if first.add is not None or first.send is not None:
+        return None
+    sends = [s for s, step in enumerate(steps) if step.send is not None]
+    if not sends or sends[-1] < 1 or any(active[sends[-1] + 1:]):
+        return None
+    last, home = sends[-1], first.compute
+    for step in steps[1:]:
+        used = {step.compute, step.add, step.narrow, *(i for i, _ in step.recv)}
+        if step.send is not None:
+            used.add(step.send[0])
+        if home in used:
+            return None
+    if kv_receives is not None and any(kv_receives[1:last + 1]):
+        return None
+    return last
+
+
 def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:
     """Query–key pairs each rank attends to with ``layout="contiguous"`` over ``size``
     ranks, for documents ``cu_seqlens`` (global boundaries; the total must divide by

@@ -231,3 +231,67 @@ def test_background_needs_flops_per_byte():
         assert not hint(1 << 20, mask=docs, backward=backward)
         assert not hint(1 << 20, mask=mpiring.layout.make_mask(True, window=128), backward=backward)
         assert not hint(1 << 20, schedules=[(True,) * 4] * 3 + [(True, False, True, True)], backward=backward)
+
+
+@pytest.mark.parametrize("case", ["spanning documents", "full ring"])
+def test_backward_defers_half_of_its_own_step(comm, seed, case, monkeypatch):
+    """Where a rank keeps its own block's dK/dV at home and its last exchange sends a
+    neighbour's finished partial home (layout.deferred_step), half of its step 0 (KV heads
+    [H/2, H)) runs after that post instead of first; the gradients still match the oracle
+    (the ring's buffers start as garbage, so a part never computed would show)."""
+    from mpiring.backends import backend_for
+
+    size, rank = comm.Get_size(), comm.Get_rank()
+    s_local, total, heads, heads_kv = 8, 8 * comm.Get_size(), 4, 2
+    if case == "spanning documents":  # every document spans two ranks: blocks go one hop
+        cu, causal = np.concatenate([[0], np.arange(size) * s_local + s_local // 2, [total]]), True
+    else:  # no documents: a two-rank ring keeps its own part; longer rings send theirs on
+        cu, causal = None, False
+    rng = np.random.default_rng(seed)
+    q, do = (rng.standard_normal((1, total, heads, 4)) for _ in range(2))
+    k, v = (rng.standard_normal((1, total, heads_kv, 4)) for _ in range(2))
+    shard = lambda x: mpiring.shard(x, comm, layout="contiguous")  # noqa: E731
+    opts = dict(causal=causal, layout="contiguous", cu_seqlens=cu)
+    out, lse = mpiring.ring_attention(shard(q), shard(k), shard(v), comm, **opts)
+    backend = backend_for(np)
+    calls, real_step = [], backend.bwd_step
+    monkeypatch.setattr(backend, "bwd_step", lambda *a, heads=None, **kw: calls.append(heads) or
+                        real_step(*a, heads=heads, **kw))
+    planned = []
+    real_plan = mpiring.layout.deferred_step
+    monkeypatch.setattr(mpiring.layout, "deferred_step", lambda *a: planned.append(real_plan(*a)) or planned[-1])
+    grads = mpiring.ring_attention_backward(shard(do), shard(q), shard(k), shard(v), out, lse, comm, **opts)
+    refs = mpiring.attention_reference_backward(do, q, k, v, causal=causal, cu_seqlens=cu)
+    for g, r in zip(grads, refs):
+        np.testing.assert_allclose(g, shard(r), rtol=1e-9, atol=1e-12)
+    assert len(planned) == 1
+    deferred = planned[0] is not None
+    if deferred:
+        assert calls[0] == (0, 1) and calls[-1] == (1, 2) and all(h is None for h in calls[1:-1])
+        assert len(calls) >= 3
+    else:
+        assert all(h is None for h in calls)
+    # spanning documents: every rank but 0 computes a neighbour's block and sends it home;
+    # full ring: only where two ranks make the ring
+    expect = (rank > 0 and size > 1) if case == "spanning documents" else size == 2
+    assert deferred == expect
+
+
+def test_deferred_step_plans():
+    """layout.deferred_step on the plans it must and must not defer."""
+    L = mpiring.layout
+    for size in (2, 3, 4):
+        full = [(True,) * size] * size
+        for rank in range(size):
+            got = L.deferred_step(L.dkv_plan(full, rank), full[rank])
+            assert got == (1 if size == 2 else None), (size, rank)
+    # four ranks, every block needed one hop further (packed documents across each boundary)
+    one_hop = [(True, r > 0, False, False) for r in range(4)]
+    assert [L.deferred_step(L.dkv_plan(one_hop, r), one_hop[r]) for r in range(4)] == [None, 1, 1, 1]
+    # a blockwise ring whose own block would be received into before the deferred part reads it
+    plan = L.dkv_plan(one_hop, 1)
+    assert L.deferred_step(plan, one_hop[1], [True, False, False, False]) == 1
+    assert L.deferred_step(plan, one_hop[1], [True, True, False, False]) is None
+    # nothing computed at step 0, or a computed step after the last send: nothing to hide
+    assert L.deferred_step(plan, (False, True, False, False)) is None
+    assert L.deferred_step(plan, (True, True, True, False)) is None

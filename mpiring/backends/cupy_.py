@@ -449,15 +449,18 @@ class CudaKernelBackend:
             dq=xp.zeros((b, s, h, d), np.float32), heads_kv=heads_kv, scale=scale, dq_sign=sign,
         )
 
-    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask, fresh: bool = False) -> None:
+    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask, fresh: bool = False,
+                 heads: tuple[int, int] | None = None) -> None:
         """Add this block's dQ into the local accumulator and its dK/dV into ``dkv``;
         ``fresh``: ``dkv`` holds nothing yet (not read; every element written, so the caller
-        need not zero it)."""
+        need not zero it). ``heads``: only KV heads [lo, hi) and their query heads (None:
+        all); each head's results are bitwise those of the whole step."""
         b, sq, h, d = st.q.shape
         sk = kv[0].shape[1]
-        if b * h * sq * sk == 0:
+        lo, hi = (0, st.heads_kv) if heads is None else heads
+        if b * (hi - lo) * sq * sk == 0:
             if fresh:
-                dkv.fill(0)
+                dkv[:, :, :, lo:hi].fill(0)
             return
         wg = _use_wgmma(st.q.device.id, "attention_bwd.cu", d, self.tiles)
         nw, bm, bn = WGMMA_BWD_TILES if wg else self._tiles(d)["bwd"]
@@ -476,10 +479,10 @@ class CudaKernelBackend:
         args = (
             (st.q, kv[0], kv[1], st.dout, st.lse2, st.delta, st.dq, dkv, sem) + _i32(b, h, st.heads_kv, sq, sk)
             + (np.float32(st.scale * math.log2(math.e)), np.float32(st.scale))
-            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu) + _i32(fresh)
+            + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu) + _i32(fresh, lo)
         )
         self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, cu), d, smem,
-                     _grid(b * st.heads_kv, -(-sk // bn)), (32 * nw,), args, st.q)
+                     _grid(b * (hi - lo), -(-sk // bn)), (32 * nw,), args, st.q)
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
         """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""

@@ -17,7 +17,7 @@ The softmax scale is folded into q once: s = (q·scale)·kᵀ, dk = dsᵀ·(q·s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -299,9 +299,16 @@ class BlockwiseBackend:
             out_dtype=q.dtype, shape=q.shape,
         )
 
-    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask, fresh: bool = False) -> None:
+    def bwd_step(self, st: BwdState, kv, dkv, q_segs, k_segs, mask: Mask, fresh: bool = False,
+                 heads: tuple[int, int] | None = None) -> None:
         """Add this block's dQ to the local accumulator and its dK/dV into ``dkv``;
-        ``fresh``: ``dkv`` holds nothing yet (zeroed here, so the caller need not)."""
+        ``fresh``: ``dkv`` holds nothing yet (zeroed here, so the caller need not).
+        ``heads``: only KV heads [lo, hi) and their query heads (None: all)."""
+        if heads is not None:  # the same step on views of those heads (KV-head-major: axis 1)
+            part = slice(*heads)
+            sub = replace(st, q=st.q[:, part], dout=st.dout[:, part], lse=st.lse[:, part],
+                          delta=st.delta[:, part], dq=st.dq[:, part])
+            st, kv, dkv = sub, kv[:, :, part], dkv[:, :, part]
         xp = self.xp
         if fresh:
             dkv[...] = 0

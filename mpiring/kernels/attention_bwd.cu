@@ -11,6 +11,8 @@
 //   dkv           (2, B, Sk, Hkv, D) fp32  += scale·dSᵀ·Q and Pᵀ·dO (the travelling dK/dV partials);
 //                                      `fresh`: = instead of += (dkv holds nothing yet: every row of
 //                                      it is written, zero where no query meets the key)
+//   hk0           the first KV head of the launch: the grid's x covers B · (KV heads launched),
+//                 KV heads hk0 … of every batch (the ring launches a step in two parts by heads)
 //
 // One block owns BN keys of one (batch, kv head) and sweeps every query tile of BM
 // rows of every q head of its GQA group, so dK/dV (summed over the group) stay in
@@ -78,7 +80,7 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
                                               const float* __restrict__ delta, float* __restrict__ dq_acc,
                                               float* __restrict__ dkv, int* __restrict__ dq_sem, int B, int H, int Hkv, int Sq,
                                               int Sk, float scale_log2, float scale, Segs qs, Segs ks,
-                                              MaskInfo<DOCS> mask, int fresh) {
+                                              MaskInfo<DOCS> mask, int fresh, int hk0) {
   constexpr bool WG = BWD_WGMMA;
   static_assert(!WG || (NW == 8 && BM == 64 && BN == 128 && D == 128), "BWD_WGMMA: d128, 8 warps, 64 × 128 tiles");
   // mma.sync reads rows padded to D + 8 (ldmatrix without bank conflicts); wgmma reads
@@ -141,7 +143,8 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   }
   const int nkt = (Sk + BN - 1) / BN;
   if (jt >= nkt) return;  // past the last key tile (the grid rounds up along z)
-  const int b = bx / Hkv, hk = bx % Hkv, G = H / Hkv;
+  // The grid covers KV heads hk0 … hk0 + gridDim.x / B − 1 of every batch (all: hk0 = 0).
+  const int hkn = gridDim.x / B, b = bx / hkn, hk = hk0 + bx % hkn, G = H / Hkv;
   const int j0 = jt * BN, j1 = min(j0 + BN, Sk);
   const long long q_stride = (long long)H * D, k_stride = (long long)Hkv * D;
   const long long kv_off = ((long long)b * Sk * Hkv + hk) * D;
@@ -609,10 +612,11 @@ __device__ __forceinline__ void attn_bwd_body(const u16* __restrict__ q, const u
   extern "C" __global__ void __launch_bounds__(32 * BWD_NW) NAME(                                               \
       const u16* q, const u16* k, const u16* v, const u16* dout, const float* lse2, const float* delta,          \
       float* dq_acc, float* dkv, int* dq_sem, int B, int H, int Hkv, int Sq, int Sk, float scale_log2,          \
-      float scale, MASK_PARAMS, int fresh) {                                                                    \
+      float scale, MASK_PARAMS, int fresh, int hk0) {                                                           \
     MASK_UNPACK(DOCS);                                                                                          \
     attn_bwd_body<T, HEAD_DIM, BWD_NW, BWD_BM, BWD_BN, DOCS>(q, k, v, dout, lse2, delta, dq_acc, dkv, dq_sem, B, H, \
-                                                             Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask, fresh); \
+                                                             Hkv, Sq, Sk, scale_log2, scale, qs, ks, mask, fresh, \
+                                                             hk0);                                              \
   }
 
 // `_doc`: packed documents (cu_seqlens read); the others ignore them.
