@@ -173,6 +173,16 @@ def test_kernels_documents_many_tiles(seed, causal, window, head_dim):
            layout="zigzag", causal=causal, window=window, documents=True)
 
 
+@pytest.mark.parametrize("increasing", [False, True])
+def test_kernels_documents_dq_orders(seed, monkeypatch, increasing):
+    """Both deterministic dQ orders with documents (the launcher takes the increasing one
+    for long documents, cupy_.DQ_INCREASING_DOCUMENTS) against the oracle, over many tiles."""
+    monkeypatch.setattr(cupy_backend, "DQ_INCREASING_DOCUMENTS", 0 if increasing else np.inf)
+    assert cupy_backend.dq_increasing(L.make_mask(True, None, np.array([0, 5, 2060]))) == increasing
+    _check(seed, size=2, seqlen_local=1030, heads=4, heads_kv=2, head_dim=128, dtype=bfloat16, layout="zigzag",
+           causal=True, documents=True)
+
+
 @pytest.mark.parametrize("entries", [1024, 1025])
 def test_kernels_documents_past_the_shared_copy(seed, entries):
     """The backward copies cu_seqlens to shared memory up to 1024 entries (CU_SMEM in

@@ -179,3 +179,17 @@ def test_spill_check_can_fail(nvrtc):
     accumulator per warp) spills far past the budget: it is seen."""
     tiles = {128: {**cupy_.TILES[128], "fwd": (4, 4, 32)}}
     assert min(_spilled(nvrtc, "attention_fwd.cu", 128, tiles).values()) > max(SPILL_BUDGET.values())
+
+
+def test_dq_order_follows_document_length():
+    """The backward's deterministic dQ order with documents: increasing where the
+    work-weighted document length reaches DQ_INCREASING_DOCUMENTS, decreasing below."""
+    from mpiring.backends.cupy_ import DQ_INCREASING_DOCUMENTS, dq_increasing
+    from mpiring.layout import make_mask
+
+    t = DQ_INCREASING_DOCUMENTS
+    assert dq_increasing(make_mask(True, None, np.array([0, t, 2 * t])))
+    assert not dq_increasing(make_mask(True, None, np.array([0, t - 1, 2 * t - 2])))
+    # one long document among short ones: its work dominates
+    assert dq_increasing(make_mask(True, None, np.concatenate([np.arange(0, 64 * 100, 100), [64 * 100 + 4 * t]])))
+    assert not dq_increasing(make_mask(True, None, np.array([0, 0])))

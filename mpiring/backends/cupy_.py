@@ -59,6 +59,13 @@ TILES = {
     128: {"fwd": (4, 2, 64), "bwd": (8, 64, 128)},
 }
 NO_BOUND = 1 << 30  # kernels' "unbounded" window side; positions must stay below 2**29
+# Packed documents whose work-weighted length (Σ L³ / Σ L², the length of the document an
+# average query-key pair lies in) reaches this many tokens take the deterministic backward's
+# increasing dQ order, as one sequence does; shorter ones the decreasing order (the
+# kernel's DQ_DESC_DOCS). One H200, 131,072 tokens, 8 heads (bench/kernel_variants.py): 4
+# documents (56k) backward 100.2 ms decreasing, 85.1 ms increasing; 16 documents (18.7k)
+# 28.7 / 28.8 ms; the tenth session's 64 documents in 65k (3.2k): 1.18x for decreasing.
+DQ_INCREASING_DOCUMENTS = 32768
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (tests lower it to exercise the z split)
 _NEG_INF = float("-inf")
 
@@ -178,13 +185,22 @@ def _wgmma_compiles(device_id: int, kernel_file: str, options: tuple[str, ...]) 
         return False
 
 
-def _kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: int, tiles=None):
+def _kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: int, tiles=None, extra=()):
     wg = _use_wgmma(device_id, kernel_file, head_dim, tiles)
-    mod = _module(device_id, kernel_file, compile_options(kernel_file, head_dim, tiles, wgmma=wg))
+    mod = _module(device_id, kernel_file, compile_options(kernel_file, head_dim, tiles, wgmma=wg) + tuple(extra))
     fn = mod.get_function(name)
     if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     return fn
+
+
+def dq_increasing(mask: Mask) -> bool:
+    """Whether the deterministic backward adds dQ in increasing key-tile order with the
+    documents of ``mask`` (:data:`DQ_INCREASING_DOCUMENTS`); a function of ``cu_seqlens``
+    only, so the same on every rank and run."""
+    lengths = np.diff(np.asarray(mask.cu_seqlens, dtype=np.float64))
+    pairs = float((lengths**2).sum())
+    return pairs > 0 and float((lengths**3).sum()) / pairs >= DQ_INCREASING_DOCUMENTS
 
 
 def _segs(segs: tuple[Segment, ...], length: int):
@@ -324,10 +340,11 @@ class CudaKernelBackend:
     def _tiles(self, head_dim: int):
         return (self.tiles or TILES)[head_dim]
 
-    def _launch(self, kernel_file, name, head_dim, smem, grid, block, args, like):
-        """Launch on the device of ``like`` (current stream there), compiling on first use."""
+    def _launch(self, kernel_file, name, head_dim, smem, grid, block, args, like, extra=()):
+        """Launch on the device of ``like`` (current stream there), compiling on first use
+        (``extra``: more NVRTC options, a variant of the file)."""
         with like.device:
-            fn = _kernel(like.device.id, kernel_file, name, head_dim, smem, self.tiles)
+            fn = _kernel(like.device.id, kernel_file, name, head_dim, smem, self.tiles, extra)
             fn(grid, block, args, shared_mem=smem)
 
     # --- buffers ------------------------------------------------------------------------
@@ -482,7 +499,8 @@ class CudaKernelBackend:
             + _i32(*_segs(q_segs, sq), *_segs(k_segs, sk)) + _mask_args(mask, cu) + _i32(fresh, lo)
         )
         self._launch("attention_bwd.cu", _entry("attn_bwd", st.q.dtype, cu), d, smem,
-                     _grid(b * (hi - lo), -(-sk // bn)), (32 * nw,), args, st.q)
+                     _grid(b * (hi - lo), -(-sk // bn)), (32 * nw,), args, st.q,
+                     ("-DDQ_DESC_DOCS=0",) if cu is not None and dq_increasing(mask) else ())
 
     def bwd_end(self, st: BwdState, dkv, kv_dtype):
         """``dq`` (B, Sq, H, D) and ``dk``, ``dv`` (B, Sk, Hkv, D), all in the input dtype."""

@@ -35,7 +35,8 @@
 #define TICKET_GROUP 4
 #endif
 // Decreasing deterministic dQ order (and query tiles swept ascending) with documents
-// (DQ_DESC_DOCS) and without (DQ_DESC_PLAIN); see `DESC` below.
+// (DQ_DESC_DOCS) and without (DQ_DESC_PLAIN); see `DESC` below. The launcher compiles
+// DQ_DESC_DOCS=0 too and takes it for long documents (cupy_.DQ_INCREASING_DOCUMENTS).
 #ifndef DQ_DESC_DOCS
 #define DQ_DESC_DOCS 1
 #endif

@@ -138,14 +138,12 @@ __device__ __forceinline__ void attn_fwd_body(
       mask.keys_window(p, p, rs, lo, hi);
       sRow[r] = make_int2(lo, hi);
     }
-  // wgmma: 128-byte-swizzled tiles; mma.sync: rows padded to LD.
-  auto load = [&](auto rows, u16* dst, const u16* src, long long stride, int row0, int n) {
-    load_tile<WG, decltype(rows)::value, D, NT>(dst, src, stride, row0, n);
-  };
+  // wgmma: 128-byte-swizzled tiles; mma.sync: rows padded to LD. (load_tile called as is:
+  // a generic lambda around it did not compile with the NVRTC of CUDA 13.0 in JIT mode.)
   if (t < nkt) {
-    load(Int<BM>(), sQ, gq, q_stride, i0, Sq);
-    load(Int<BN>(), sK, gk, k_stride, t * BN, Sk);
-    load(Int<BN>(), sV, gv, k_stride, t * BN, Sk);
+    load_tile<WG, BM, D, NT>(sQ, gq, q_stride, i0, Sq);
+    load_tile<WG, BN, D, NT>(sK, gk, k_stride, t * BN, Sk);
+    load_tile<WG, BN, D, NT>(sV, gv, k_stride, t * BN, Sk);
     cp_async_commit();
   }
   // ldmatrix base addresses (bytes); the loops add compile-time offsets.
@@ -158,8 +156,8 @@ __device__ __forceinline__ void attn_fwd_body(
   if (STAGES == 3 && t < nkt) {
     pre = next_tile(t + 1);
     if (pre < nkt) {
-      load(Int<BN>(), sK + BN * LD, gk, k_stride, pre * BN, Sk);
-      load(Int<BN>(), sV + BN * LD, gv, k_stride, pre * BN, Sk);
+      load_tile<WG, BN, D, NT>(sK + BN * LD, gk, k_stride, pre * BN, Sk);
+      load_tile<WG, BN, D, NT>(sV + BN * LD, gv, k_stride, pre * BN, Sk);
     }
     cp_async_commit();
   }
@@ -168,8 +166,8 @@ __device__ __forceinline__ void attn_fwd_body(
     const int pf = STAGES == 2 ? tn : (pre < nkt ? next_tile(pre + 1) : nkt);  // the copy to issue now
     if (pf < nkt) {  // into the stage the previous tile used (free since its closing barrier)
       const int ps = (stage + STAGES - 1) % STAGES;
-      load(Int<BN>(), sK + ps * BN * LD, gk, k_stride, pf * BN, Sk);
-      load(Int<BN>(), sV + ps * BN * LD, gv, k_stride, pf * BN, Sk);
+      load_tile<WG, BN, D, NT>(sK + ps * BN * LD, gk, k_stride, pf * BN, Sk);
+      load_tile<WG, BN, D, NT>(sV + ps * BN * LD, gv, k_stride, pf * BN, Sk);
     }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();

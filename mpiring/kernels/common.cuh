@@ -15,9 +15,6 @@ struct f16_t { u16 bits; };
 
 template <typename T> struct Ops;
 
-// A compile-time int as a value (for generic lambdas).
-template <int N> struct Int { static constexpr int value = N; };
-
 template <> struct Ops<bf16_t> {
   // Two fp32 -> one register of two bf16, `lo` in the low half (the element with the lower index).
   __device__ __forceinline__ static u32 pack(float lo, float hi) {
