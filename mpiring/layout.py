@@ -586,7 +586,9 @@ def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, it
     cu_seqlens : int64 array, the boundaries of the packed sequence, for
         :func:`mpiring.ring_attention`'s ``cu_seqlens`` with ``layout="contiguous"``.
 
-    :func:`rank_work` gives the resulting work per rank.
+    :func:`rank_work` gives the resulting work per rank. Where a document is longer than
+    a rank's block, no order evens it out (its causal work grows along it); ``striped``
+    then balances better (bench/README.md, Long context, "Fourteenth session").
     """
     lengths = np.asarray(lengths)
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or np.any(lengths < 0):
