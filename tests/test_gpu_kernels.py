@@ -208,27 +208,35 @@ def test_grid_split_along_z(seed, monkeypatch, documents):
            causal=False, window=(100, 30), documents=documents)
 
 
+def _one_causal_step(seed, batch, seqlen_local, heads, heads_kv, head_dim, documents, be):
+    """Rank 1 of 2 (zigzag, causal, bf16) against rank 0's K/V block through ``be``: the
+    forward run, then (kv, bwd_begin() → a fresh backward state, (q_segs, k_segs, mask):
+    the rest of a ``bwd_step``'s arguments)."""
+    size = 2
+    q, k, v, dout = (cupy.asarray(x) for x in random_problem(seed, batch, seqlen_local, heads, heads_kv, head_dim,
+                                                             bfloat16))
+    cu = random_cu_seqlens(np.random.default_rng(seed), seqlen_local * size) if documents else None
+    mask = L.make_mask(True, None, cu)
+    q_segs, k_segs = L.segments("zigzag", 1, size, seqlen_local), L.segments("zigzag", 0, size, seqlen_local)
+    kv = be.pack_kv(k, v)
+    st = be.fwd_begin(q, heads_kv, 0.1)
+    be.fwd_step(st, kv, q_segs, k_segs, mask)
+    out, lse = be.fwd_end(st)
+    return kv, lambda: be.bwd_begin(dout, q, out, lse, heads_kv, 0.1), (q_segs, k_segs, mask)
+
+
 @pytest.mark.parametrize("documents", [False, True])
 def test_fresh_dkv_partial_is_written_whole(seed, documents):
     """bwd_step(fresh=True) writes its dK/dV partial whole over NaN, bitwise what adding into
     zeros gives; the keys that no query meets (zigzag, causal: rank 0's second chunk against
     rank 1's queries; with documents more) are written zero by blocks that have no work."""
-    size, seqlen_local, heads, heads_kv, head_dim = 2, 1030, 4, 2, 128
-    q, k, v, dout = (cupy.asarray(x) for x in random_problem(seed, 1, seqlen_local, heads, heads_kv, head_dim,
-                                                             bfloat16))
-    cu = random_cu_seqlens(np.random.default_rng(seed), seqlen_local * size) if documents else None
-    mask = L.make_mask(True, None, cu)
-    q_segs, k_segs = L.segments("zigzag", 1, size, seqlen_local), L.segments("zigzag", 0, size, seqlen_local)
     be = CudaKernelBackend(steps=1)
-    kv = be.pack_kv(k, v)
-    st = be.fwd_begin(q, heads_kv, 0.1)
-    be.fwd_step(st, kv, q_segs, k_segs, mask)
-    out, lse = be.fwd_end(st)
+    kv, bwd_begin, step = _one_causal_step(seed, 1, 1030, 4, 2, 128, documents, be)
     parts = []
     for fresh in (False, True):
-        bst = be.bwd_begin(dout, q, out, lse, heads_kv, 0.1)
+        bst = bwd_begin()
         dkv = cupy.full((2, *kv[0].shape), np.nan, np.float32) if fresh else be.zeros_dkv(kv)
-        be.bwd_step(bst, kv, dkv, q_segs, k_segs, mask, fresh=fresh)
+        be.bwd_step(bst, kv, dkv, *step, fresh=fresh)
         parts.append(dkv.get())
     added, written = parts
     assert np.abs(added).max() > 0
@@ -242,23 +250,14 @@ def test_bwd_step_by_heads(seed, documents, head_dim, batch, deterministic):
     """bwd_step over KV heads [0, h) then [h, Hkv) (the ring's deferred half of step 0)
     writes every head's dQ and fresh dK/dV partial, bitwise what the whole step gives
     (deterministic dQ; atomic: close), over NaN-poisoned partials; GQA, batch 2."""
-    size, seqlen_local, heads, heads_kv = 2, 530, 6, 3
-    q, k, v, dout = (cupy.asarray(x) for x in random_problem(seed, batch, seqlen_local, heads, heads_kv, head_dim,
-                                                             bfloat16))
-    cu = random_cu_seqlens(np.random.default_rng(seed), seqlen_local * size) if documents else None
-    mask = L.make_mask(True, None, cu)
-    q_segs, k_segs = L.segments("zigzag", 1, size, seqlen_local), L.segments("zigzag", 0, size, seqlen_local)
     be = CudaKernelBackend(steps=1, deterministic=deterministic)
-    kv = be.pack_kv(k, v)
-    st = be.fwd_begin(q, heads_kv, 0.1)
-    be.fwd_step(st, kv, q_segs, k_segs, mask)
-    out, lse = be.fwd_end(st)
+    kv, bwd_begin, step = _one_causal_step(seed, batch, 530, 6, 3, head_dim, documents, be)
     results = []
-    for parts in ([None], [(0, 1), (1, heads_kv)], [(0, 2), (2, 3)]):
-        bst = be.bwd_begin(dout, q, out, lse, heads_kv, 0.1)
+    for parts in ([None], [(0, 1), (1, 3)], [(0, 2), (2, 3)]):
+        bst = bwd_begin()
         dkv = cupy.full((2, *kv[0].shape), np.nan, np.float32)
         for heads in parts:
-            be.bwd_step(bst, kv, dkv, q_segs, k_segs, mask, fresh=True, heads=heads)
+            be.bwd_step(bst, kv, dkv, *step, fresh=True, heads=heads)
         results.append((bst.dq.get(), dkv.get()))
     whole = results[0]
     assert np.isfinite(whole[1]).all() and np.abs(whole[1]).max() > 0 and np.abs(whole[0]).max() > 0
