@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -221,11 +222,8 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
-        active = _layout.step_schedule(layout, rank, size, q.shape[1], k.shape[1], mask, batch=q.shape[0])
-        if size > 1 and not mask.is_full:
-            own = _layout.segments(layout, rank, size, q.shape[1])
-            needs = [_layout.needed_rows(own, _layout.segments(layout, b, size, k.shape[1]), mask)
-                     for b in range(size)]
+        active, needs = _PLANS.get(("own", layout, rank, size, q.shape[1], k.shape[1], q.shape[0], _mask_key(mask)),
+                                   lambda: _own_plan(layout, rank, size, q.shape[1], k.shape[1], q.shape[0], mask))
     except _LocalError as exc:
         error = exc
     except (TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -253,15 +251,10 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     rows = None
     if needs is not None and needs != _whole_rows(active, rank, k.shape[1]):
         rows = np.asarray(needs, np.int64).tobytes()
-    gathered = _agree(pcomm, fn, error, signature, (packed, rows))
-    schedules = [(True,) * size if x is None else
-                 tuple(np.unpackbits(np.frombuffer(x, np.uint8), count=size).astype(bool))
-                 for x, _ in gathered]
-    needs = None
-    if any(x is not None for _, x in gathered):
-        needs = [_whole_rows(schedules[r], r, k.shape[1]) if x is None else
-                 [tuple(n) for n in np.frombuffer(x, np.int64).reshape(size, 2).tolist()]
-                 for r, (_, x) in enumerate(gathered)]
+    gathered = tuple(_agree(pcomm, fn, error, signature, (packed, rows)))
+    backward = lse is not _FORWARD
+    schedules, hops, kv_rows, plan = _PLANS.get(("ring", rank, size, k.shape[1], backward, gathered),
+                                                lambda: _ring_plan(gathered, rank, size, k.shape[1], backward))
 
     xp = array_module(q)
     tr = None
@@ -272,11 +265,67 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     timeout = None if timeout is None else float(timeout)
     backend = backend_for(xp, dtype=q.dtype, head_dim=q.shape[3], mask=mask, seqlen_global=q.shape[1] * size,
                           steps=sum(active), deterministic=bool(deterministic))
-    plan = None if lse is _FORWARD else _layout.dkv_plan(schedules, rank, needs)
+    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active, hops, timeout, layout, plan,
+                 kv_rows, _background(mask, schedules, q.shape, k.shape, q.dtype, backward=backward))
+
+
+# --- the ring's plan, kept per content ----------------------------------------------------
+class _Memo:
+    """The last few results of the ring's planning (pure functions of agreed, hashable
+    values: shapes, layout, mask, the gathered schedules), so that calls with the same
+    problem, such as every layer of a model over one batch's documents, forward and
+    backward, plan once. Least recently used first out; results are never mutated."""
+
+    def __init__(self, size: int):
+        self.size, self.items, self.lock = size, {}, threading.Lock()
+
+    def get(self, key, make):
+        with self.lock:
+            value = self.items.pop(key, _MISSING)
+            if value is _MISSING:
+                value = make()
+                if len(self.items) >= self.size:
+                    del self.items[next(iter(self.items))]
+            self.items[key] = value  # (re)inserted last: most recently used
+            return value
+
+
+_MISSING = object()
+
+
+_PLANS = _Memo(64)
+
+
+def _mask_key(mask: _layout.Mask) -> tuple:
+    cu = mask.cu_seqlens
+    return mask.causal, mask.left, mask.right, None if cu is None else cu.tobytes()
+
+
+def _own_plan(layout, rank, size, seqlen_q, seqlen_k, batch, mask):
+    """This rank's step schedule (layout.step_schedule) and, where blocks may be needed in
+    part, the rows of every rank's block its queries attend to (layout.needed_rows)."""
+    active = _layout.step_schedule(layout, rank, size, seqlen_q, seqlen_k, mask, batch=batch)
+    if size == 1 or mask.is_full:
+        return active, None
+    own = _layout.segments(layout, rank, size, seqlen_q)
+    return active, [_layout.needed_rows(own, _layout.segments(layout, b, size, seqlen_k), mask) for b in range(size)]
+
+
+def _ring_plan(gathered, rank, size, seqlen_k, backward):
+    """From every rank's (packed schedule, rows) of the validation's allgather: the
+    schedules, this rank's K/V hops and rows (layout.kv_hops, kv_rows) and, for the
+    backward, its dK/dV plan (layout.dkv_plan)."""
+    schedules = [(True,) * size if x is None else
+                 tuple(np.unpackbits(np.frombuffer(x, np.uint8), count=size).astype(bool))
+                 for x, _ in gathered]
+    needs = None
+    if any(x is not None for _, x in gathered):
+        needs = [_whole_rows(schedules[r], r, seqlen_k) if x is None else
+                 [tuple(n) for n in np.frombuffer(x, np.int64).reshape(size, 2).tolist()]
+                 for r, (_, x) in enumerate(gathered)]
+    plan = _layout.dkv_plan(schedules, rank, needs) if backward else None
     kv_rows = () if needs is None else _layout.kv_rows(needs, schedules, rank)
-    return _Call(pcomm, backend, tr, mask, scale, k.shape[2], q_segs, k_segs, active,
-                 _layout.kv_hops(schedules, rank), timeout, layout, plan, kv_rows,
-                 _background(mask, schedules, q.shape, k.shape, q.dtype, backward=lse is not _FORWARD))
+    return schedules, _layout.kv_hops(schedules, rank), kv_rows, plan
 
 
 def _background(mask: _layout.Mask, schedules, q_shape, k_shape, dtype, *, backward: bool) -> bool:

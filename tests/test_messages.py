@@ -295,3 +295,54 @@ def test_deferred_step_plans():
     # nothing computed at step 0, or a computed step after the last send: nothing to hide
     assert L.deferred_step(plan, (False, True, False, False)) is None
     assert L.deferred_step(plan, (True, True, True, False)) is None
+
+
+def test_plan_is_kept_per_problem(comm, seed, monkeypatch):
+    """The ring's planning (step schedules, rows, hops, dK/dV plan) runs once per problem
+    and is reused by the calls after it, whatever came between: each call below matches
+    the oracle and sends exactly what the same call sent when it was planned afresh, and
+    only a problem not seen before plans again (layout.step_schedule counted)."""
+    size = comm.Get_size()
+    s_local, total = 8, 8 * size
+    rng = np.random.default_rng(seed)
+    cu_a = np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), size=min(3, total - 1), replace=False)),
+                           [total]])
+    cu_b = np.concatenate([[0], np.arange(size) * s_local + s_local // 2, [total]])
+    planned = []
+    schedule = mpiring.layout.step_schedule
+    monkeypatch.setattr(mpiring.layout, "step_schedule", lambda *a, **kw: planned.append(1) or schedule(*a, **kw))
+    monkeypatch.setattr(mpiring.api, "_PLANS", mpiring.api._Memo(64))
+    q, k, v, do = (rng.standard_normal((1, total, 2, 4)) for _ in range(4))
+    problems = [dict(causal=True, layout="contiguous", cu_seqlens=cu_a),
+                dict(causal=True, layout="contiguous", cu_seqlens=cu_b),
+                dict(causal=True, layout="contiguous"),
+                dict(causal=False, layout="contiguous", window=3),
+                dict(causal=True, layout="zigzag", cu_seqlens=cu_a)]
+    sent = {}
+    for turn, i in enumerate([0, 1, 2, 3, 4, 0, 1, 4, 2, 3]):
+        opts = problems[i]
+        shard = lambda x, layout=opts["layout"]: mpiring.shard(x, comm, layout=layout)  # noqa: E731
+        transport = MpiHostTransport(mpiring.api.private_comm(comm))
+        before = len(planned)
+        out, lse = mpiring.ring_attention(shard(q), shard(k), shard(v), comm, transport=transport, **opts)
+        grads = mpiring.ring_attention_backward(shard(do), shard(q), shard(k), shard(v), out, lse, comm,
+                                                transport=transport, **opts)
+        # a new problem plans once (its backward shares the forward's schedule), then never
+        assert len(planned) - before == (1 if turn < len(problems) else 0), (turn, i)
+        messages = (transport.hops, transport.bytes_sent)
+        assert sent.setdefault(i, messages) == messages, (turn, i)
+        ref_opts = {key: opts[key] for key in ("causal", "window", "cu_seqlens") if key in opts}
+        ref, _ = mpiring.attention_reference(q, k, v, **ref_opts)
+        np.testing.assert_allclose(out, shard(ref), rtol=1e-10, atol=1e-12)
+        refs = mpiring.attention_reference_backward(do, q, k, v, **ref_opts)
+        for g, r in zip(grads, refs):
+            np.testing.assert_allclose(g, shard(r), rtol=1e-9, atol=1e-12)
+
+
+def test_plan_memo_keeps_the_most_recent():
+    """mpiring.api._Memo: at most ``size`` results, the least recently used out first."""
+    memo, made = mpiring.api._Memo(2), []
+    make = lambda key: lambda: made.append(key) or key * 10  # noqa: E731
+    assert [memo.get(key, make(key)) for key in (1, 2, 1, 3, 1, 2)] == [10, 20, 10, 30, 10, 20]
+    assert made == [1, 2, 3, 2]  # 1 was used again before 3 came, so 2 went out
+    assert list(memo.items) == [1, 2]

@@ -163,8 +163,27 @@ def _module(device_id: int, kernel_file: str, options: tuple[str, ...]):
         return cupy.RawModule(code=_inline_header(sources[kernel_file], sources), options=options)
 
 
+def _settings(tiles) -> tuple:
+    """What a launch's kernel choice depends on besides its arguments: the tile override
+    (None: :data:`TILES`) and the environment variables that select kernel variants."""
+    frozen = None if tiles is None else tuple(sorted((h, tuple(sorted(t.items()))) for h, t in tiles.items()))
+    return frozen, os.environ.get("MPIRING_WGMMA"), os.environ.get("MPIRING_WGMMA_STAGES")
+
+
+# Launch-time lookups kept per key (a few per process): the host's work per launch was a
+# dozen dictionary lookups, option strings and two driver queries (bench/host_probe.py).
+_CHOSEN: dict = {}
+
+
 def _use_wgmma(device_id: int, kernel_file: str, head_dim: int, tiles=None) -> bool:
     """:func:`wgmma_applies` on this device, and the wgmma variant compiles there."""
+    key = ("wgmma", device_id, kernel_file, head_dim, _settings(tiles))
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _wgmma_usable(device_id, kernel_file, head_dim, tiles)
+    return _CHOSEN[key]
+
+
+def _wgmma_usable(device_id: int, kernel_file: str, head_dim: int, tiles) -> bool:
     import cupy
 
     if not wgmma_applies(kernel_file, head_dim, tiles, cupy.cuda.Device(device_id).compute_capability):
@@ -186,6 +205,13 @@ def _wgmma_compiles(device_id: int, kernel_file: str, options: tuple[str, ...]) 
 
 
 def _kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: int, tiles=None, extra=()):
+    key = ("kernel", device_id, kernel_file, name, head_dim, smem, tuple(extra), _settings(tiles))
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _make_kernel(device_id, kernel_file, name, head_dim, smem, tiles, extra)
+    return _CHOSEN[key]
+
+
+def _make_kernel(device_id: int, kernel_file: str, name: str, head_dim: int, smem: int, tiles, extra):
     wg = _use_wgmma(device_id, kernel_file, head_dim, tiles)
     mod = _module(device_id, kernel_file, compile_options(kernel_file, head_dim, tiles, wgmma=wg) + tuple(extra))
     fn = mod.get_function(name)
