@@ -49,6 +49,17 @@ def poisoned_ring_buffers(monkeypatch):
     for cls, dkv, kv in ((BlockwiseBackend, dkv_blockwise, kv_blockwise), (CudaKernelBackend, dkv_kernels, kv_kernels)):
         monkeypatch.setattr(cls, "kv_buffer", kv)
         monkeypatch.setattr(cls, "empty_dkv", dkv)
+    # The CUDA forward's outputs and fp32 state too: a row that no launch writes shows as NaN.
+    fwd_begin = CudaKernelBackend.fwd_begin
+
+    def fwd_begin_poisoned(self, *args, **kwargs):
+        st = fwd_begin(self, *args, **kwargs)
+        for x in (st.acc, st.m, st.l, st.out, st.lse):
+            if x is not None:
+                x.fill(np.nan)
+        return st
+
+    monkeypatch.setattr(CudaKernelBackend, "fwd_begin", fwd_begin_poisoned)
 
 
 @pytest.fixture
