@@ -274,20 +274,34 @@ class _Memo:
     """The last few results of the ring's planning (pure functions of agreed, hashable
     values: shapes, layout, mask, the gathered schedules), so that calls with the same
     problem, such as every layer of a model over one batch's documents, forward and
-    backward, plan once. Least recently used first out; results are never mutated."""
+    backward, plan once. At most ``size`` results and ``budget`` bytes of their keys'
+    byte strings (``cu_seqlens``, the gathered schedules: what grows with documents and
+    ranks, as the results do); least recently used first out. Results are never mutated."""
 
-    def __init__(self, size: int):
-        self.size, self.items, self.lock = size, {}, threading.Lock()
+    def __init__(self, size: int, budget: int = 64 << 20):
+        self.size, self.budget, self.items, self.lock = size, budget, {}, threading.Lock()
+        self.held = 0  # bytes of the kept keys
 
     def get(self, key, make):
         with self.lock:
             value = self.items.pop(key, _MISSING)
             if value is _MISSING:
                 value = make()
-                if len(self.items) >= self.size:
-                    del self.items[next(iter(self.items))]
+                weight = _key_bytes(key)
+                if weight > self.budget:
+                    return value  # not kept
+                self.held += weight
+            while self.items and (len(self.items) >= self.size or self.held > self.budget):
+                self.held -= _key_bytes(next(iter(self.items)))
+                del self.items[next(iter(self.items))]
             self.items[key] = value  # (re)inserted last: most recently used
             return value
+
+
+def _key_bytes(key) -> int:
+    if isinstance(key, bytes):
+        return len(key)
+    return sum(_key_bytes(x) for x in key) if isinstance(key, tuple) else 0
 
 
 _MISSING = object()

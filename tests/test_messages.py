@@ -340,9 +340,15 @@ def test_plan_is_kept_per_problem(comm, seed, monkeypatch):
 
 
 def test_plan_memo_keeps_the_most_recent():
-    """mpiring.api._Memo: at most ``size`` results, the least recently used out first."""
+    """mpiring.api._Memo: at most ``size`` results and ``budget`` bytes of keys, the least
+    recently used out first; a key over the budget is never kept."""
     memo, made = mpiring.api._Memo(2), []
     make = lambda key: lambda: made.append(key) or key * 10  # noqa: E731
     assert [memo.get(key, make(key)) for key in (1, 2, 1, 3, 1, 2)] == [10, 20, 10, 30, 10, 20]
     assert made == [1, 2, 3, 2]  # 1 was used again before 3 came, so 2 went out
     assert list(memo.items) == [1, 2]
+    memo, made = mpiring.api._Memo(8, budget=10), []
+    keys = [("a", b"x" * 4), ("b", (b"y" * 4,)), ("c", b"z" * 4), ("d", b"w" * 11), ("a", b"x" * 4)]
+    assert [memo.get(key, make(key[0])) for key in keys] == ["a" * 10, "b" * 10, "c" * 10, "d" * 10, "a" * 10]
+    assert made == ["a", "b", "c", "d", "a"]  # c pushed a out (12 > 10 bytes); d was never kept
+    assert list(memo.items) == [keys[2], keys[4]] and memo.held == 8
