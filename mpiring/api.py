@@ -190,7 +190,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
     pcomm = private_comm(comm)
     _arrive(pcomm, fn, timeout)
     size, rank = pcomm.Get_size(), pcomm.Get_rank()
-    error, mask, scale, active, needs = None, None, None, None, None
+    error, mask, mask_key, scale, active, needs = None, None, None, None, None, None
     q, k = arrays["q"], arrays["k"]
     try:
         if problem is not None:  # an array that could not be imported (mpiring.interop)
@@ -209,6 +209,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             raise _LocalError(ValueError, f"softmax_scale={softmax_scale!r} must be a finite number")
         scale = float(scale)
         mask = _make_mask(causal, window, cu_seqlens, q.shape[1] * size)
+        mask_key = _mask_key(mask)  # (causal, left, right, cu_seqlens bytes): the signature's and the plan's
         if q.shape[1] != k.shape[1] and not mask.is_full:
             raise _LocalError(
                 ValueError,
@@ -222,7 +223,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
             raise _LocalError(ValueError, f"timeout={timeout!r} must be None or a positive number of seconds")
         if not isinstance(transport, Transport):
             check_transport_name(transport, _array_kind(q))
-        active, needs = _PLANS.get(("own", layout, rank, size, q.shape[1], k.shape[1], q.shape[0], _mask_key(mask)),
+        active, needs = _PLANS.get(("own", layout, rank, size, q.shape[1], k.shape[1], q.shape[0], mask_key),
                                    lambda: _own_plan(layout, rank, size, q.shape[1], k.shape[1], q.shape[0], mask))
     except _LocalError as exc:
         error = exc
@@ -242,7 +243,7 @@ def _prepare(fn, comm, arrays: dict, *, causal, softmax_scale, layout, window, c
         "causal": _comparable(causal),
         "window": _comparable(window),
         "softmax_scale": scale,
-        "cu_seqlens": None if mask is None or mask.cu_seqlens is None else mask.cu_seqlens.tobytes(),
+        "cu_seqlens": None if mask_key is None else mask_key[3],
         "transport": transport if isinstance(transport, str) else type(transport).__name__,
     }
     # Each rank's schedule rides along (packed; None: every step has work, the usual case),
@@ -292,8 +293,9 @@ class _Memo:
                     return value  # not kept
                 self.held += weight
             while self.items and (len(self.items) >= self.size or self.held > self.budget):
-                self.held -= _key_bytes(next(iter(self.items)))
-                del self.items[next(iter(self.items))]
+                oldest = next(iter(self.items))
+                self.held -= _key_bytes(oldest)
+                del self.items[oldest]
             self.items[key] = value  # (re)inserted last: most recently used
             return value
 
