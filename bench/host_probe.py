@@ -20,6 +20,7 @@ contiguous ranks with ``--documents D``, else one zigzag sequence), on one trans
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import shlex
 import statistics
@@ -66,16 +67,26 @@ def _wrap(totals: dict, name: str, fn):
     return timed
 
 
-def install_timers(totals: dict) -> None:
-    """Wrap every function of :data:`PHASES` (module attribute or class method) in place."""
+@contextlib.contextmanager
+def timed_phases(totals: dict):
+    """Every function of :data:`PHASES` (module attribute or class method) wrapped in a
+    timer that adds into ``totals`` (name → seconds) inside the block; restored after it,
+    so that the host and GPU times measured outside carry no timer overhead."""
     import importlib
 
+    wrapped = []
     for where, names in PHASES.items():
         module, _, cls = where.partition(":")
         owner = importlib.import_module(module)
         owner = getattr(owner, cls) if cls else owner
         for name in names:
+            wrapped.append((owner, name, owner.__dict__[name]))
             setattr(owner, name, _wrap(totals, f"{cls or module.rsplit('.', 1)[-1]}.{name}", getattr(owner, name)))
+    try:
+        yield totals
+    finally:
+        for owner, name, original in reversed(wrapped):
+            setattr(owner, name, original)
 
 
 def main() -> None:
@@ -120,7 +131,6 @@ def main() -> None:
             out, lse = fwd()
             mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, **opts)
 
-        totals: dict = {}
         for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             for _ in range(3):
                 fn()
@@ -141,14 +151,12 @@ def main() -> None:
                     samples["busy" if busy else "idle"].append(host * 1e3)
                     if not busy:
                         samples["gpu"].append(cupy.cuda.get_elapsed_time(begin, end))
-            if not totals:
-                install_timers(totals)  # phases of the timed calls below only
-            totals.clear()
-            stream.synchronize()
-            comm.Barrier()
-            for _ in range(args.calls):
-                fn()
-            stream.synchronize()
+            with timed_phases({}) as totals:  # the phases of these calls only
+                stream.synchronize()
+                comm.Barrier()
+                for _ in range(args.calls):
+                    fn()
+                stream.synchronize()
             mine = {
                 "host_idle_ms": statistics.median(samples["idle"]),
                 "host_busy_ms": statistics.median(samples["busy"]),
