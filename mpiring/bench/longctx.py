@@ -196,21 +196,37 @@ def _timed(comm, xp, fn, repeat: int = 1, *, until_done: bool = True, warmup: bo
     return comm.allreduce(sorted(times)[len(times) // 2], op=MPI.MAX)
 
 
-def _throughput(comm, xp, fn, calls: int = 5) -> float:
-    """Slowest rank's seconds per call of ``fn()`` called ``calls`` times back to back with
-    one synchronisation at the end (after one warm-up run): the rate of a loop that calls
-    it, where each call's host work overlaps the GPU work queued before it."""
+def _throughput(comm, xp, fn, calls: int = 5) -> tuple[float, float]:
+    """Slowest rank's seconds per call of ``fn()`` called back to back, after one warm-up
+    run, as ``(steady, from_idle)``.
+
+    ``steady`` (the rate of a loop that calls it, once running): ``calls`` calls timed with
+    CUDA events on the current stream, from the end of a first call queued before them to
+    the end of the last; the host queues each of them while the GPU runs the calls before
+    it. ``from_idle``: the host's clock from a synchronised, idle GPU over those
+    ``calls + 1`` calls, so it also holds the first call's host work before its first
+    kernel (the measure of the bench before the sixteenth session, then over 5 calls).
+    NumPy: the host's clock for both."""
     fn()
     _sync(xp)
     comm.Barrier()
+    gpu = xp is not np
     start = time.perf_counter()
+    fn()
+    if gpu:
+        begin, end = xp.cuda.Event(), xp.cuda.Event()
+        begin.record()
+    first = time.perf_counter()
     for _ in range(calls):
         fn()
+    if gpu:
+        end.record()
     _sync(xp)
-    return comm.allreduce((time.perf_counter() - start) / calls, op=MPI.MAX)
+    done = time.perf_counter()
+    steady = xp.cuda.get_elapsed_time(begin, end) / 1e3 / calls if gpu else (done - first) / calls
+    return comm.allreduce(steady, op=MPI.MAX), comm.allreduce((done - start) / (calls + 1), op=MPI.MAX)
 
 
-# --- the parts ------------------------------------------------------------------------------
 def memory_rows(comm, xp, args, dtype, common, sizes: str, documents: int = 0) -> list[dict]:
     """Measured peak vs estimate at each tokens-per-rank of ``sizes``; with ``documents``,
     packed random documents (``cu_seqlens``: the blockwise backend on CuPy too)."""
@@ -348,25 +364,29 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
             return lambda: _run(comm, arrays, mode, causal=True, layout=layout,
                                 deterministic=args.dq == "deterministic", **options)
 
-        # Throughput (the issue's measure): calls back to back, one synchronisation; fixed and
-        # varlen in turns, 3 times each (median), after a heating phase, so that both run at
-        # the clocks of a GPU at its power cap. Latency: the median of 3 single synchronised
-        # calls (host work before the first kernel included).
+        # Throughput (the issue's measure): calls back to back, the steady rate and the rate
+        # from an idle GPU (_throughput); fixed and varlen in turns, 3 times each (median),
+        # after a heating phase, so that both run at the clocks of a GPU at its power cap.
+        # Latency: the median of 3 single synchronised calls (host work before the first
+        # kernel included).
         fns = {"fixed": call(layout=fixed_layout), "varlen": call(cu_seqlens=cu)}
         heat(list(fns.values()), 2.0, sync=lambda: _sync(xp), agree=lambda n: comm.allreduce(n, op=MPI.MAX))
         rates = {name: [] for name in fns}
         for r in range(3):
             for name in (("fixed", "varlen") if r % 2 == 0 else ("varlen", "fixed")):
                 rates[name].append(_throughput(comm, xp, fns[name]))
-        fixed, varlen = (sorted(rates[name])[1] for name in ("fixed", "varlen"))
+        (fixed, fixed_idle), (varlen, varlen_idle) = (
+            [sorted(t[i] for t in rates[name])[1] for i in (0, 1)] for name in ("fixed", "varlen"))
         fixed_lat, varlen_lat = (_timed(comm, xp, call(**o), repeat=3)
                                  for o in ({"layout": fixed_layout}, {"cu_seqlens": cu}))
         host = _timed(comm, xp, fns["varlen"], repeat=3, until_done=False, warmup=False)
         fixed_tf, varlen_tf = flops / fixed / 1e12, useful * flops / varlen / 1e12
+        ratio_idle = useful * fixed_idle / varlen_idle
         rows.append(make_row(
             **common, bench="varlen", seqlen=seqlen, n_gpus=size, causal=True, layout=args.layout, transport=None,
             **{"pass": mode}, tflops_per_gpu=varlen_tf, fixed_tflops_per_gpu=fixed_tf, ratio=varlen_tf / fixed_tf,
-            documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="throughput",
+            documents=count, useful_fraction=useful, time_s=varlen, fixed_time_s=fixed, timing="steady",
+            time_from_idle_s=varlen_idle, fixed_time_from_idle_s=fixed_idle, ratio_from_idle=ratio_idle,
             latency_s=varlen_lat, fixed_latency_s=fixed_lat, latency_ratio=useful * fixed_lat / varlen_lat,
             varlen_backend=backend, balance=balance, dq=args.dq, ring_transport=ring_transport,
             fixed_layout=fixed_layout, packed=bool(args.pack), rank_balance=rank_balance, host_s=host,
@@ -374,6 +394,7 @@ def varlen_rows(comm, xp, args, dtype, common) -> list[dict]:
         _say(comm, f"varlen S={seqlen}/rank {count} docs {mode}: {varlen_tf:.2f} vs fixed {fixed_tf:.2f} TF/s "
                    f"per GPU (useful work, calls back to back), ratio {varlen_tf / fixed_tf:.3f}; backend {backend}; "
                    f"{varlen * 1e3:.2f} vs {fixed * 1e3:.2f} ms per call, useful fraction {useful:.4f}; "
+                   f"from an idle GPU: ratio {ratio_idle:.3f} ({varlen_idle * 1e3:.2f} vs {fixed_idle * 1e3:.2f} ms); "
                    f"single synchronised calls: {varlen_lat * 1e3:.2f} vs {fixed_lat * 1e3:.2f} ms, "
                    f"ratio {useful * fixed_lat / varlen_lat:.3f}; step balance ({args.layout}) {balance:.3f}"
                    + ("" if rank_balance is None else f", rank work max/mean {rank_balance:.3f}")
