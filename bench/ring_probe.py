@@ -18,7 +18,7 @@ What the ring loses against its baseline then splits into kernels that ran slowe
 transfers taking SMs or memory bandwidth) and time outside the kernels (waits).
 
     mpiexec -n 4 python3 bench/ring_probe.py [--seqlen 32768] [--heads 32] [--noncausal | --documents 16]
-        [--transports nccl,mpi-cuda] [--rounds 5] [--profile CALLS] [--out FILE]
+        [--transports nccl,mpi-cuda] [--dq deterministic,atomic] [--rounds 5] [--profile CALLS] [--out FILE]
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ def main() -> None:
                    help="causal packed documents on contiguous ranks: the longctx bench's random documents, "
                         "ordered by mpiring.layout.pack_documents (0: one sequence)")
     p.add_argument("--transports", default="nccl,mpi-cuda", help="those that can't run here are skipped")
+    p.add_argument("--dq", default="deterministic",
+                   help="comma-separated backward dQ modes, each timed per transport: deterministic, atomic")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--heat", type=float, default=3.0, help="seconds of heating before the timed rounds")
     p.add_argument("--garbage-baseline", action="store_true",
@@ -94,15 +96,21 @@ def main() -> None:
                 if rank == 0:
                     print(f"{name} skipped: {exc}", flush=True)
 
-        def call(tr):
+        def call(tr, deterministic):
             opts = dict(causal=causal, layout=layout, transport=tr, cu_seqlens=cu)
             out, lse = mpiring.ring_attention(q, k, v, comm, **opts)
-            mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, **opts)
+            mpiring.ring_attention_backward(do, q, k, v, out, lse, comm, deterministic=deterministic, **opts)
 
-        fns = {name: (lambda tr=tr: call(tr)) for name, tr in transports.items()}
+        fns = {}
+        for dq in [m for m in args.dq.split(",") if m]:
+            if dq not in ("deterministic", "atomic"):
+                raise SystemExit(f"--dq: {dq!r} is not deterministic or atomic")
+            for name, tr in transports.items():
+                fn = lambda tr=tr, det=dq == "deterministic": call(tr, det)  # noqa: E731
+                fns[name + ("" if dq == "deterministic" else " (atomic dQ)")] = (
+                    transports["compute-only"].around(fn) if name == "compute-only" else fn)
         if args.garbage_baseline:  # as before the twelfth session: whatever the pool handed out
-            fns["compute-only (garbage)"] = fns["compute-only"]
-        fns["compute-only"] = transports["compute-only"].around(fns["compute-only"])
+            fns["compute-only (garbage)"] = lambda: call(transports["compute-only"], True)
         for fn in fns.values():
             fn()
         heat(list(fns.values()), args.heat, sync=stream.synchronize,
@@ -222,6 +230,8 @@ def _print(rows) -> None:
               + " ".join(f"{x:.2f}" for x in s["attention_steps_ms"]))
         print(f"{row['probe_transport']}: gap before each launch "
               + " ".join(f"{n.split('_')[1]}:{g:.2f}" for n, g in zip(s["launch_names"], s["gaps_ms"])))
+    print("per rank backward kernels ms: " + "; ".join(
+        f"{row['probe_transport']} " + " ".join(f"{r['bwd_ms']:.1f}" for r in row["per_rank"]) for row in rows))
     print("per rank wall ms: " + "; ".join(
         f"{row['probe_transport']} " + " ".join(f"{r['wall_ms']:.1f}" for r in row["per_rank"]) for row in rows))
 
