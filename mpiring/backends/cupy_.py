@@ -62,10 +62,15 @@ NO_BOUND = 1 << 30  # kernels' "unbounded" window side; positions must stay belo
 # Packed documents whose work-weighted length (Σ L³ / Σ L², the length of the document an
 # average query-key pair lies in) reaches this many tokens take the deterministic backward's
 # increasing dQ order, as one sequence does; shorter ones the decreasing order (the
-# kernel's DQ_DESC_DOCS). One H200, 131,072 tokens, 8 heads (bench/kernel_variants.py): 4
-# documents (56k) backward 100.2 ms decreasing, 85.1 ms increasing; 16 documents (18.7k)
-# 28.7 / 28.8 ms; the tenth session's 64 documents in 65k (3.2k): 1.18x for decreasing.
-DQ_INCREASING_DOCUMENTS = 32768
+# kernel's DQ_DESC_DOCS). The decreasing order starts a document's longest key tiles (its
+# first) last, so long documents end a launch on them. Measured (bench/README.md, Long
+# context, "Sixteenth session"): 4 H100s, 128k tokens per GPU, 64 documents (26k): the
+# ring's forward+backward 56.4 ms decreasing, 48.9 increasing; 32k per GPU, 16 documents
+# (18.7k): 12.08 / 11.85 ms. One H100, 131,072 tokens, 8 heads, backward kernels
+# (bench/kernel_variants.py): 8 documents (24.3k) 51.0 / 50.3 ms, 16 (18.7k) 31.0 / 32.0,
+# 32 (10.3k) 15.95 / 15.97; the fourteenth session's 4 (56k) 100.2 / 85.1 (H200), the
+# tenth's 64 in 65k (3.2k) 1.18x for decreasing.
+DQ_INCREASING_DOCUMENTS = 16384
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y (tests lower it to exercise the z split)
 _NEG_INF = float("-inf")
 
