@@ -119,6 +119,29 @@ def test_documents(comm, seed, transport, documents, layout):
 
 @gpu
 @pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("increasing", [False, True], ids=["dq-decreasing", "dq-increasing"])
+def test_documents_dq_orders(comm, seed, transport, increasing, monkeypatch):
+    """Both orders of the deterministic backward's dQ adds with packed documents that span
+    ranks (the launcher picks one from the documents' lengths, cupy_.DQ_INCREASING_DOCUMENTS;
+    forced here), head dim 128 (the wgmma backward on Hopper) and 1000 tokens per rank
+    (several key and query tiles per document), against the oracle."""
+    import mpiring.backends.cupy_ as cupy_backend
+
+    size, seqlen_local = comm.Get_size(), 1000
+    rng = np.random.default_rng(seed + 11)
+    total = seqlen_local * size
+    cu = np.concatenate([[0], np.sort(rng.choice(np.arange(1, total), size=2 * size, replace=False)), [total]])
+    cu = mpiring.layout.pack_documents(np.diff(cu), size)[1]
+    monkeypatch.setattr(cupy_backend, "DQ_INCREASING_DOCUMENTS", 0 if increasing else np.inf)
+    chosen, real = [], cupy_backend.dq_increasing
+    monkeypatch.setattr(cupy_backend, "dq_increasing", lambda mask: chosen.append(real(mask)) or chosen[-1])
+    check_ring(comm, seed, seqlen_local=seqlen_local, heads=4, heads_kv=2, head_dim=128, dtype=bfloat16,
+               layout="contiguous", causal=True, cu_seqlens=cu, transport=transport, xp=cp)
+    assert chosen and set(chosen) == {increasing}
+
+
+@gpu
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_message_counts(comm, seed, transport):
     """N−1 K/V hops forward; N−1 K/V + N dK/dV hops backward (N = 2: one); nothing left pending."""
     size = comm.Get_size()
