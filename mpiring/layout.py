@@ -17,6 +17,7 @@ the NumPy backend expands them with :func:`positions`.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -599,11 +600,6 @@ def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, it
     total, count = int(lengths.sum()), len(lengths)
     if total % size:
         raise ValueError(f"the documents' total length {total} must be divisible by size={size}")
-
-    def cost(order):
-        work = rank_work(np.concatenate([[0], np.cumsum(lengths[order])]), size, causal=causal)
-        return work.max(), float((work**2).sum())
-
     rng = np.random.default_rng(seed)
     by_length = np.argsort(-lengths, kind="stable")
     starts = [np.arange(count), by_length, np.concatenate([by_length[0::2], by_length[1::2][::-1]])]
@@ -611,20 +607,84 @@ def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, it
     tries = min(40 * count * count, 20000) if iterations is None else int(iterations)
     best_order, best = None, None
     for order in starts:
-        current = cost(order)
-        for _ in range(tries // len(starts) if count > 1 else 0):
-            i, j = rng.integers(count, size=2)
-            if i == j or lengths[order[i]] == lengths[order[j]]:
+        packing = _Packing(lengths[order].tolist(), size, causal)
+        current = packing.cost(packing.f)
+        # The pairs of positions to swap, drawn at once: the same pairs as one draw of two per
+        # try wherever NumPy's bounded draws reject nothing (always for a power-of-two count).
+        for i, j in rng.integers(count, size=(tries // len(starts) if count > 1 else 0, 2)).tolist():
+            if i == j or packing.lens[i] == packing.lens[j]:
                 continue
-            order[i], order[j] = order[j], order[i]
-            trial = cost(order)
+            i, j = min(i, j), max(i, j)
+            f = packing.swapped(i, j)
+            trial = packing.cost(f)
             if trial <= current:
                 current = trial
-            else:
+                packing.swap(i, j, f)
                 order[i], order[j] = order[j], order[i]
         if best is None or current < best:
             best_order, best = order.copy(), current
     return best_order, np.concatenate([[0], np.cumsum(lengths[best_order])])
+
+
+class _Packing:
+    """Documents in one order on ``contiguous`` ranks, for :func:`pack_documents`'s search:
+    the pairs before each rank boundary (``f``, from which :func:`rank_work` takes each
+    rank's work), kept up to date under swaps of two documents. A tried swap evaluates
+    only the boundaries between the two documents, each by one search; exact integers."""
+
+    def __init__(self, lens: list, size: int, causal: bool):
+        self.lens, self.size, self.causal = lens, size, causal
+        self.cu, self.before = [0], [0]  # document starts; pairs of the documents before each
+        for n in lens:
+            self.cu.append(self.cu[-1] + n)
+            self.before.append(self.before[-1] + self._pairs(n, n))
+        self.block = self.cu[-1] // size
+        self.f = [self._f(r * self.block) for r in range(size)] + [self.before[-1]]
+
+    def _pairs(self, n: int, length: int) -> int:
+        """Pairs of the first ``n`` queries of a document of ``length`` tokens."""
+        return n * (n + 1) // 2 if self.causal else n * length
+
+    def _f(self, t: int) -> int:
+        """Pairs of the queries before position ``t``."""
+        d = min(max(bisect.bisect_right(self.cu, t, 0, len(self.lens)) - 1, 0), len(self.lens) - 1)
+        return self.before[d] + self._pairs(t - self.cu[d], self.lens[d])
+
+    def _moved(self, i: int, j: int) -> range:
+        """The rank boundaries (1 … size − 1) from document ``i``'s start to ``j``'s end."""
+        return range(max(1, -(-self.cu[i] // self.block)), min(self.size, -(-self.cu[j + 1] // self.block)))
+
+    def swapped(self, i: int, j: int) -> list:
+        """``f`` with the documents at positions ``i`` < ``j`` swapped (nothing changes)."""
+        lens, cu, before = self.lens, self.cu, self.before
+        a, b = lens[i], lens[j]
+        shift, extra = b - a, self._pairs(b, b) - self._pairs(a, a)
+        f = list(self.f)
+        for r in self._moved(i, j):
+            t = r * self.block
+            if t < cu[i] + b:  # in the document now at i (b tokens)
+                f[r] = before[i] + self._pairs(t - cu[i], b)
+            else:  # documents i + 1 … j, moved by shift; the one at j is now a tokens long
+                d = bisect.bisect_right(cu, t - shift, i + 1, j + 1) - 1
+                f[r] = before[d] + extra + self._pairs(t - cu[d] - shift, a if d == j else lens[d])
+        return f
+
+    def swap(self, i: int, j: int, f: list) -> None:
+        """Swap the documents at positions ``i`` < ``j``; ``f``: :meth:`swapped`'s."""
+        lens, cu, before = self.lens, self.cu, self.before
+        shift = lens[j] - lens[i]
+        extra = self._pairs(lens[j], lens[j]) - self._pairs(lens[i], lens[i])
+        lens[i], lens[j] = lens[j], lens[i]
+        for k in range(i + 1, j + 1):
+            cu[k] += shift
+            before[k] += extra
+        self.f = f
+
+    @staticmethod
+    def cost(f: list) -> tuple[int, int]:
+        """(the largest rank's work, the sum of the squared works)."""
+        work = [f[r + 1] - f[r] for r in range(len(f) - 1)]
+        return max(work), sum(w * w for w in work)
 
 
 def _global_length(seqlen: int, size: int, layout: str) -> int:

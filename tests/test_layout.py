@@ -369,3 +369,106 @@ def test_kv_rows_carry_what_the_ranks_ahead_attend_to():
         for s, (send, recv) in enumerate(rows):
             assert send == ((0, 4) if (rank - s) % size == 0 else (0, 8))
             assert recv == ((0, 4) if (rank - 1 - s) % size == 0 else (0, 8))
+
+
+def _rank_work_brute(cu, size, causal):
+    """Pairs per rank on contiguous ranks, counted query by query."""
+    cu = np.asarray(cu)
+    total = int(cu[-1])
+    block = total // size
+    work = np.zeros(size)
+    for d in range(len(cu) - 1):
+        a, b = int(cu[d]), int(cu[d + 1])
+        for p in range(a, b):
+            work[p // block] += (p - a + 1) if causal else (b - a)
+    return work
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("causal", [True, False])
+def test_rank_work_counts_pairs(causal):
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 3, 5):
+        lengths = rng.integers(0, 40, size=rng.integers(1, 12))
+        lengths[-1] += (-lengths.sum()) % size  # the total divides by size
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        if cu[-1] == 0:
+            continue
+        np.testing.assert_array_equal(mpiring.layout.rank_work(cu, size, causal=causal),
+                                      _rank_work_brute(cu, size, causal))
+
+
+def _pack_reference(lengths, size, causal, seed, iterations):
+    """pack_documents' search with every tried order's work from rank_work (the search
+    before the sixteenth session; the kept search must give the same orders)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    count = len(lengths)
+
+    def cost(order):
+        work = mpiring.layout.rank_work(np.concatenate([[0], np.cumsum(lengths[order])]), size, causal=causal)
+        return work.max(), float((work**2).sum())
+
+    rng = np.random.default_rng(seed)
+    by_length = np.argsort(-lengths, kind="stable")
+    starts = [np.arange(count), by_length, np.concatenate([by_length[0::2], by_length[1::2][::-1]])]
+    starts += [rng.permutation(count) for _ in range(2)]
+    best_order, best = None, None
+    for order in starts:
+        current = cost(order)
+        for _ in range(iterations // len(starts) if count > 1 else 0):
+            i, j = rng.integers(count, size=2)
+            if i == j or lengths[order[i]] == lengths[order[j]]:
+                continue
+            order[i], order[j] = order[j], order[i]
+            trial = cost(order)
+            if trial <= current:
+                current = trial
+            else:
+                order[i], order[j] = order[j], order[i]
+        if best is None or current < best:
+            best_order, best = order.copy(), current
+    return best_order
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("causal", [True, False])
+def test_pack_documents_search(causal):
+    """The search keeps each rank's work up to date under swaps (layout._Packing) and finds
+    the order that evaluating every tried order afresh finds; the result is a permutation
+    whose cu_seqlens matches it, and never worse than the documents' own order."""
+    rng = np.random.default_rng(5)
+    cases = [(rng.integers(0, 3000, size=n), size) for n, size in [(2, 2), (5, 3), (9, 4), (16, 4), (23, 8)]]
+    cases.append((np.array([7, 7, 7, 0, 0, 13, 7, 1]), 2))  # equal lengths (never swapped) and empty documents
+    for lengths, size in cases:
+        lengths = lengths.copy()
+        lengths[0] += (-lengths.sum()) % size
+        order, cu = mpiring.layout.pack_documents(lengths, size, causal=causal, seed=1, iterations=600)
+        np.testing.assert_array_equal(order, _pack_reference(lengths, size, causal, 1, 600))
+        assert sorted(order.tolist()) == list(range(len(lengths)))
+        np.testing.assert_array_equal(cu, np.concatenate([[0], np.cumsum(lengths[order])]))
+        work = mpiring.layout.rank_work(cu, size, causal=causal)
+        assert work.max() <= mpiring.layout.rank_work(np.concatenate([[0], np.cumsum(lengths)]), size,
+                                                      causal=causal).max()
+
+
+@pytest.mark.serial
+def test_pack_documents_bench_case():
+    """The longctx bench's 16 documents on 4 ranks, default search: the same order as
+    before the sixteenth session (its rows' packing), work max/mean 1.031."""
+    from mpiring.bench.longctx import _documents
+
+    lengths = np.diff(_documents(131072, 16))
+    order, cu = mpiring.layout.pack_documents(lengths, 4)
+    np.testing.assert_array_equal(order, _pack_reference(lengths, 4, True, 0, min(40 * 16 * 16, 20000)))
+    work = mpiring.layout.rank_work(cu, 4)
+    assert work.max() / work.mean() == pytest.approx(1.0312, abs=1e-4)
+
+
+@pytest.mark.serial
+def test_pack_documents_rejects_bad_input():
+    with pytest.raises(ValueError, match="lengths must be"):
+        mpiring.layout.pack_documents([3, -1], 2)
+    with pytest.raises(ValueError, match="size=0"):
+        mpiring.layout.pack_documents([3, 1], 0)
+    with pytest.raises(ValueError, match="divisible by size=3"):
+        mpiring.layout.pack_documents([3, 1], 3)
