@@ -8,9 +8,10 @@ def main(argv=None) -> int:
     if not argv or argv[0] not in ("demo",):
         print("usage: python -m mpiring demo [--help]\n       python -m mpiring.bench {kernel,ring,...}")
         return 2
+    from mpiring._entry import run_or_abort
     from mpiring.demo import main as demo
 
-    return demo(argv[1:])
+    return run_or_abort(lambda: demo(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
     mpiexec -n 4 python -m mpi4py tests/abort_worker.py MODE STAMP_FILE
 
 MODE: ``raise`` (an exception in a forward ring step), ``raise-backward`` (in a
-backward ring step) or ``exit`` (``os._exit`` in a forward ring step, as a crash
-would). With MPIRING_ABORT_TIMEOUT set (seconds), the ring calls pass it as
-``timeout=``. Rank 1 fails at ring step 1, when the other ranks are in the ring waiting
-for it; it writes ``time.time()`` to STAMP_FILE just before failing. Exiting
-normally is an error (exit code 0 would mean nobody failed).
+backward ring step), ``exit`` (``os._exit`` in a forward ring step, as a crash
+would) or ``raise-entry`` (``raise``, the work run by the library's entry points'
+``mpiring._entry.run_or_abort``, for a launch without ``python -m mpi4py``). With
+MPIRING_ABORT_TIMEOUT set (seconds), the ring calls pass it as ``timeout=``. Rank 1
+fails at ring step 1, when the other ranks are in the ring waiting for it; it writes
+``time.time()`` to STAMP_FILE just before failing. Exiting normally is an error (exit
+code 0 would mean nobody failed).
 """
 
 import os
@@ -57,4 +59,9 @@ def main(mode: str, stamp_file: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "raise-entry":
+        from mpiring._entry import run_or_abort
+
+        run_or_abort(lambda: main("raise", sys.argv[2]))
+    else:
+        main(*sys.argv[1:3])

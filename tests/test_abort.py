@@ -41,7 +41,8 @@ def _clean_env(timeout) -> dict:
     ("raise-backward", ["-m", "mpi4py"], None),
     ("exit", ["-m", "mpi4py"], None),
     ("raise", [], 1.0),  # no MPI_Abort: the ring waits time out on the other ranks
-], ids=["raise", "raise-backward", "exit", "raise-without-mpi4py-timeout"])
+    ("raise-entry", [], None),  # no python -m mpi4py: the entry points' run_or_abort aborts
+], ids=["raise", "raise-backward", "exit", "raise-without-mpi4py-timeout", "raise-entry-point"])
 def test_failing_rank_ends_the_job(tmp_path, mode, launcher, timeout):
     mpiexec = _mpiexec()
     if mpiexec is None:

@@ -12,6 +12,8 @@ import argparse
 import importlib
 import sys
 
+from mpiring._entry import run_or_abort
+
 __all__ = ["COMMANDS", "register", "main"]
 
 # name -> (module that defines it, one-line help); modules import lazily so that
@@ -41,4 +43,5 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m mpiring.bench {argv[0]}",
                                      description=module.__doc__.strip().splitlines()[0])
     module.add_arguments(parser)
-    return module.run(parser.parse_args(argv[1:])) or 0
+    args = parser.parse_args(argv[1:])
+    return run_or_abort(lambda: module.run(args)) or 0
