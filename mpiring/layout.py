@@ -647,6 +647,8 @@ class _Packing:
 
     def _f(self, t: int) -> int:
         """Pairs of the queries before position ``t``."""
+        if not self.lens:
+            return 0
         d = min(max(bisect.bisect_right(self.cu, t, 0, len(self.lens)) - 1, 0), len(self.lens) - 1)
         return self.before[d] + self._pairs(t - self.cu[d], self.lens[d])
 

@@ -465,6 +465,15 @@ def test_pack_documents_bench_case():
 
 
 @pytest.mark.serial
+def test_pack_documents_edge_cases():
+    order, cu = mpiring.layout.pack_documents(np.array([], dtype=np.int64), 2)
+    assert order.size == 0 and cu.tolist() == [0]
+    order, cu = mpiring.layout.pack_documents([0, 0], 2)
+    assert sorted(order.tolist()) == [0, 1] and cu.tolist() == [0, 0, 0]
+    assert mpiring.layout.pack_documents([6], 3)[1].tolist() == [0, 6]
+
+
+@pytest.mark.serial
 def test_pack_documents_rejects_bad_input():
     with pytest.raises(ValueError, match="lengths must be"):
         mpiring.layout.pack_documents([3, -1], 2)

@@ -227,6 +227,7 @@ def _throughput(comm, xp, fn, calls: int = 5) -> tuple[float, float]:
     return comm.allreduce(steady, op=MPI.MAX), comm.allreduce((done - start) / (calls + 1), op=MPI.MAX)
 
 
+# --- the parts ------------------------------------------------------------------------------
 def memory_rows(comm, xp, args, dtype, common, sizes: str, documents: int = 0) -> list[dict]:
     """Measured peak vs estimate at each tokens-per-rank of ``sizes``; with ``documents``,
     packed random documents (``cu_seqlens``: the blockwise backend on CuPy too)."""
