@@ -541,22 +541,12 @@ def deferred_step(plan: DkvPlan, active, kv_receives=None) -> int | None:
 def rank_work(cu_seqlens, size: int, *, causal: bool = True) -> np.ndarray:
     """Query–key pairs each rank attends to with ``layout="contiguous"`` over ``size``
     ranks, for documents ``cu_seqlens`` (global boundaries; the total must divide by
-    ``size``). Exact, O(documents + size)."""
+    ``size``). Exact (integer counts, :class:`_Packing`), O(documents + size · log documents)."""
     cu = np.asarray(cu_seqlens, dtype=np.int64)
     total = int(cu[-1])
     if total % size:
         raise ValueError(f"the total length {total} must be divisible by size={size}")
-    lengths = np.diff(cu).astype(np.float64)
-    # F(t): pairs of the queries before t. Causal: query p of a document starting at a
-    # attends p − a + 1 keys; otherwise the document's length.
-    per_doc = lengths * (lengths + 1) / 2 if causal else lengths**2
-    before = np.concatenate([[0.0], np.cumsum(per_doc)])
-    t = np.arange(size + 1, dtype=np.int64) * (total // size)
-    i = np.clip(np.searchsorted(cu, t, side="right") - 1, 0, len(lengths) - 1)
-    n = (t - cu[i]).astype(np.float64)  # queries of document i before t
-    f = before[i] + (n * (n + 1) / 2 if causal else n * lengths[i])
-    f[-1] = before[-1]
-    return np.diff(f)
+    return np.diff(np.array(_Packing(np.diff(cu).tolist(), size, causal).f, dtype=np.float64))
 
 
 def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, iterations: int | None = None):
