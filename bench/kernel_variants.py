@@ -70,32 +70,6 @@ _WAIT_SLOW = "__device__ __noinline__ void wait_slow(const int* p, int target) {
 _RAISE_NOW = "    __syncthreads();\n    if (sem != 0 && threadIdx.x == 0) release_add(sem);\n"
 
 
-_WAIT_WARP = """        const int target = sTarget[stage];
-        if (lane == 0 && seen < target) wait_at_least(sem, target);
-        __syncwarp();"""
-_WAIT_BLOCK = """        if (threadIdx.x == 0) wait_at_least(sem, sTarget[stage]);
-        __syncthreads();"""
-_ROWS_ASYNC = """      cp_async4((r < BM ? sL : sD) + st * BM + rr, (r < BM ? lse2 : delta) + srow, i < Sq);"""
-_ROWS_PLAIN = """      (r < BM ? sL : sD)[st * BM + rr] = i < Sq ? (r < BM ? lse2 : delta)[srow] : 0.f;"""
-
-_DQ_REDS = """#pragma unroll
-      for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-        for (int hr = 0; hr < 2; ++hr) {
-          const int r = m3 + mi * 16 + lane / 4 + 8 * hr;
-          if (r >= Sq - i0) continue;"""
-_DQ_REDS_FULL = """      if (i0 + BM <= Sq) {  // a full query tile: no row checks, no divergent region per row
-#pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-          for (int hr = 0; hr < 2; ++hr)
-#pragma unroll
-            for (int n = 0; n < DW3 / 8; ++n)
-              red_add2(dq_tile + (m3 + mi * 16 + lane / 4 + 8 * hr) * (int)q_stride + n * 8, dq[mi][n][2 * hr],
-                       dq[mi][n][2 * hr + 1]);
-      } else
-""" + _DQ_REDS
-
 VARIANTS = {
     "current": [],
     # backward k-loops of phases 1 (S, dP) and 3 (dQ) not unrolled (the kernels before 2026-11-26's fifth session)
@@ -104,9 +78,8 @@ VARIANTS = {
     # the same loops unrolled by two
     "bwd-unroll2": [("attention_bwd.cu", _P1, _P1.replace("unroll", "unroll 2")),
                     ("attention_bwd.cu", _P3, _P3.replace("unroll", "unroll 2"))],
-    # backward, deterministic dQ: thread 0 reads the counter at the wait and the block waits
-    # at a barrier (before the per-warp early read of 2026-11-26's fifth session)
-    "bwd-block-wait": [("attention_bwd.cu", _WAIT_WARP, _WAIT_BLOCK)],
+    # (removed: "bwd-block-wait", thread 0 reading the counter at the wait and the block waiting
+    # at a barrier, as before the fifth session; the text it replaced left the kernel in 589b325)
     # forward: query tiles fastest, heads slowest (FLASH's grid order: the blocks side by
     # side share one head's K/V in L2); the current grid has heads fastest
     "fwd-tiles-fastest": [("attention_fwd.cu", _FWD_MAP, _FWD_TILES_FASTEST)],
@@ -145,14 +118,12 @@ VARIANTS = {
     "bwd-wait-warp": [("attention_bwd.cu", _PEEK_LANE0, _PEEK_LANE0.replace(" && lane == 0", "")),
                       ("attention_bwd.cu", _DQ_WAIT + "      __syncwarp();\n",
                        _DQ_WAIT.replace("lane == 0 && ", ""))],
-    # backward: lse/delta rows with plain loads (before 571079d) instead of cp.async
-    "bwd-plain-row-loads": [("attention_bwd.cu", _ROWS_ASYNC, _ROWS_PLAIN)],
+    # (removed: "bwd-plain-row-loads", lse/delta rows with plain loads as before 571079d, and
+    # "bwd-dq-full-tile", the dQ reds of a full query tile without row checks; the text they
+    # replaced left the kernel in 32745cb)
     # (sixth session) The relaxed early counter read and the two barriers per query tile,
     # measured here as "bwd-peek-relaxed" and "bwd-two-barriers", are now the kernel's
     # (bench/results/kernel-variants-…-b7c7d4e.json; the variants are in f9a14b5's script).
-    # the dQ reds of a full query tile without row checks (a branch per row made the
-    # compiler reuse the address registers the reds still read)
-    "bwd-dq-full-tile": [("attention_bwd.cu", _DQ_REDS, _DQ_REDS_FULL)],
     # (sixth session: "bwd-target-shortcut", thread 0's binary search for a query tile's
     # first key tile cut short: 0.997 / 0.997x, kernel-variants-…-96fdf3e.json; the search is
     # O(1) since the tenth session)
