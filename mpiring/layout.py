@@ -631,7 +631,7 @@ def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, it
 
 # pack_documents' second phase runs where the first leaves the busiest rank's work above
 # this many times the mean (bench/README.md, Long context, "Seventeenth session": 1000
-# random documents on 64 ranks 1.47 -> 1.13, 4096 on 64 ranks 1.13 -> 1.00).
+# random documents on 64 ranks 1.47 -> 1.11-1.18, 4096 on 64 ranks 1.13 -> 1.003).
 _PACK_BALANCED = 1.05
 _PACK_TEMPERATURE = 0.01  # the annealing's starting temperature, in units of the mean work
 
