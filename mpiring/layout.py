@@ -621,7 +621,7 @@ def pack_documents(lengths, size: int, *, causal: bool = True, seed: int = 0, it
                 order[i], order[j] = order[j], order[i]
         if best is None or current < best:
             best_order, best = order.copy(), current
-    pairs = sum(n * (n + 1) // 2 if causal else n * n for n in lengths.tolist())
+    pairs = sum(_pairs(n, n, causal) for n in lengths.tolist())
     if count > 1 and size > 1 and best[0] * size > _PACK_BALANCED * pairs:
         order, current = _anneal(lengths, _greedy_order(lengths, size, causal), size, causal, tries, rng)
         if current < best:
@@ -636,13 +636,18 @@ _PACK_BALANCED = 1.05
 _PACK_TEMPERATURE = 0.01  # the annealing's starting temperature, in units of the mean work
 
 
+def _pairs(n: int, length: int, causal: bool) -> int:
+    """Query–key pairs of the first ``n`` queries of a document of ``length`` tokens."""
+    return n * (n + 1) // 2 if causal else n * length
+
+
 def _greedy_order(lengths: np.ndarray, size: int, causal: bool) -> np.ndarray:
     """Documents by work, largest first, each to the least loaded rank whose block still
     has room for it (else the one with the most room), ranks in order, each rank's
     documents longest first: the annealing's start (:func:`pack_documents`)."""
     lens = lengths.tolist()
     block = sum(lens) // size
-    work = [n * (n + 1) // 2 if causal else n * n for n in lens]
+    work = [_pairs(n, n, causal) for n in lens]
     tokens, load, ranks = [0] * size, [0] * size, [[] for _ in range(size)]
     for d in sorted(range(len(lens)), key=lambda d: -work[d]):
         fits = [r for r in range(size) if tokens[r] + lens[d] <= block]
@@ -663,7 +668,7 @@ def _anneal(lengths: np.ndarray, order: np.ndarray, size: int, causal: bool, tri
     count = len(order)
     packing = _Packing(lengths[order].tolist(), size, causal)
     mean = packing.f[-1] / size
-    work = [packing.f[r + 1] - packing.f[r] for r in range(size)]
+    work = packing.works(packing.f)
     current = packing.cost(packing.f)
     best, best_order = current, order.copy()
     picks, others, accept = rng.random(tries).tolist(), rng.integers(count, size=tries).tolist(), rng.random(tries)
@@ -683,7 +688,7 @@ def _anneal(lengths: np.ndarray, order: np.ndarray, size: int, causal: bool, tri
             current = trial
             packing.swap(i, j, f)
             order[i], order[j] = order[j], order[i]
-            work = [f[r + 1] - f[r] for r in range(size)]
+            work = packing.works(f)
             if current < best:
                 best, best_order = current, order.copy()
     return best_order, best
@@ -705,8 +710,7 @@ class _Packing:
         self.f = [self._f(r * self.block) for r in range(size)] + [self.before[-1]]
 
     def _pairs(self, n: int, length: int) -> int:
-        """Pairs of the first ``n`` queries of a document of ``length`` tokens."""
-        return n * (n + 1) // 2 if self.causal else n * length
+        return _pairs(n, length, self.causal)
 
     def _f(self, t: int) -> int:
         """Pairs of the queries before position ``t``."""
@@ -745,9 +749,14 @@ class _Packing:
         self.f = f
 
     @staticmethod
+    def works(f: list) -> list:
+        """Each rank's work, from ``f`` (:attr:`f` or :meth:`swapped`'s)."""
+        return [f[r + 1] - f[r] for r in range(len(f) - 1)]
+
+    @staticmethod
     def cost(f: list) -> tuple[int, int]:
         """(the largest rank's work, the sum of the squared works)."""
-        work = [f[r + 1] - f[r] for r in range(len(f) - 1)]
+        work = _Packing.works(f)
         return max(work), sum(w * w for w in work)
 
 
