@@ -313,8 +313,7 @@ _PLANS = _Memo(64)
 
 
 def _mask_key(mask: _layout.Mask) -> tuple:
-    cu = mask.cu_seqlens
-    return mask.causal, mask.left, mask.right, None if cu is None else cu.tobytes()
+    return mask.causal, mask.left, mask.right, mask.cu_bytes
 
 
 def _own_plan(layout, rank, size, seqlen_q, seqlen_k, batch, mask):

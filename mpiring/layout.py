@@ -18,6 +18,7 @@ the NumPy backend expands them with :func:`positions`.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,6 +85,14 @@ class Mask:
     @property
     def is_full(self) -> bool:
         return self.left is None and self.right_bound is None and self.cu_seqlens is None
+
+    @functools.cached_property
+    def cu_bytes(self) -> bytes | None:
+        """``cu_seqlens`` as int64 bytes (None without documents), made once per mask: the
+        key of the caches kept per document content (the ring's plan, the device copy and
+        the dQ order of the CUDA backend)."""
+        cu = self.cu_seqlens
+        return None if cu is None else np.ascontiguousarray(cu, dtype=np.int64).tobytes()
 
     def documents(self, pos: np.ndarray) -> np.ndarray:
         """Document index of each global position (int64)."""

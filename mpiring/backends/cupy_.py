@@ -229,9 +229,17 @@ def dq_increasing(mask: Mask) -> bool:
     """Whether the deterministic backward adds dQ in increasing key-tile order with the
     documents of ``mask`` (:data:`DQ_INCREASING_DOCUMENTS`); a function of ``cu_seqlens``
     only, so the same on every rank and run."""
-    lengths = np.diff(np.asarray(mask.cu_seqlens, dtype=np.float64))
+    length = _weighted_length(mask.cu_bytes)
+    return length is not None and length >= DQ_INCREASING_DOCUMENTS
+
+
+@functools.lru_cache(maxsize=16)
+def _weighted_length(cu_int64: bytes) -> float | None:
+    """Σ L³ / Σ L² of the documents (``cu_seqlens`` as int64 bytes), once per content (the
+    backward asks at every launch); None where they hold no pairs."""
+    lengths = np.diff(np.frombuffer(cu_int64, dtype=np.int64).astype(np.float64))
     pairs = float((lengths**2).sum())
-    return pairs > 0 and float((lengths**3).sum()) / pairs >= DQ_INCREASING_DOCUMENTS
+    return float((lengths**3).sum()) / pairs if pairs > 0 else None
 
 
 def _segs(segs: tuple[Segment, ...], length: int):
@@ -365,8 +373,7 @@ class CudaKernelBackend:
         (the kernels find each row's document from its position by binary search)."""
         if mask.cu_seqlens is None:
             return None
-        key = np.ascontiguousarray(mask.cu_seqlens, dtype=np.int64).tobytes()
-        return _device_cu(self.xp.cuda.Device().id, key)
+        return _device_cu(self.xp.cuda.Device().id, mask.cu_bytes)
 
     def _tiles(self, head_dim: int):
         return (self.tiles or TILES)[head_dim]
